@@ -1,0 +1,271 @@
+"""The eas-queue API: accept prediction requests into RQ queues and report their outcome.
+
+POST /api/predict/<service>[/<subpath>]      enqueue; answers at once with the request id
+GET  /api/predict/<service>/sink?request_id  status and the model's answer
+DELETE the same                              cancel a request that has not started
+GET  /healthz                                200 when Redis answers, 503 otherwise
+/rq                                          rq-dashboard, behind HTTP Basic auth (password: a token)
+
+`eas_queue:app` is the WSGI app (gunicorn); `flask --app eas_queue run` works too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+import rq_dashboard
+from flask import Flask, Response, jsonify, request
+from rq.exceptions import NoSuchJobError
+from werkzeug.exceptions import HTTPException
+
+import forwarding
+import queueing
+from settings import Settings, get_settings, is_service_name
+
+log = logging.getLogger("eas_queue")
+
+RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
+SINK_PARAMETERS = {"request_id"}
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
+REDIS_DOWN_RETRY_AFTER = 5
+
+MESSAGES = {
+    "PENDING": "Request is queued.",
+    "STARTED": "Request is being forwarded to the model.",
+    "RETRY": "The last attempt failed; the request waits for its next attempt.",
+    "SUCCESS": "Task completed successfully.",
+    "FAILURE": "Task failed.",
+    "CANCELED": "Request was canceled before it was forwarded.",
+    "EXPIRED": "Request waited longer than its queue TTL and was never forwarded.",
+}
+
+
+class ApiError(Exception):
+    """An answer other than success: an HTTP status, a message for the client, optional headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra
+
+
+def _matches(candidate: str, accepted: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every accepted token (no early exit)."""
+    found = False
+    for token in accepted:
+        found |= hmac.compare_digest(candidate.encode(), token.encode())
+    return found
+
+
+def _check_token(settings: Settings, service: str) -> None:
+    header = request.headers.get("Authorization", "").strip()
+    if not header:
+        raise ApiError(401, "missing Authorization header", {"WWW-Authenticate": "Bearer"})
+    scheme, _, rest = header.partition(" ")
+    token = rest.strip() if scheme.lower() == "bearer" and rest.strip() else header
+    if not _matches(token, settings.tokens_for(service)):
+        raise ApiError(403, "token not accepted")
+
+
+def _check_service(settings: Settings, service: str) -> None:
+    if not is_service_name(service):
+        raise ApiError(400, "service name must be 1-128 letters, digits, '_', '-' or '.'")
+    _check_token(settings, service)
+    if settings.listed_services_only and service not in settings.services:
+        raise ApiError(404, f"unknown service {service!r}")
+
+
+def _single(name: str) -> str | None:
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"{name} given more than once")
+    return values[0] if values else None
+
+
+def _submission(settings: Settings, service: str, subpath: str) -> queueing.Submission:
+    unknown = sorted(k for k in request.args if k.startswith("_") and k not in RESERVED_PARAMETERS)
+    if unknown:
+        raise ApiError(400, f"unknown reserved query parameter {unknown[0]!r} (known: _priority_, _ttl_)")
+    priority = _single("_priority_")
+    if priority not in (None, "0", "1"):
+        raise ApiError(400, "_priority_ must be 0 or 1")
+    ttl_text = _single("_ttl_")
+    ttl = None
+    if ttl_text is not None:
+        try:
+            ttl = float(ttl_text)
+        except ValueError:
+            ttl = math.nan
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise ApiError(400, "_ttl_ must be a positive number of seconds")
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH and key.isascii() and key.isprintable()):
+        raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters")
+    if not forwarding.is_subpath(subpath):
+        raise ApiError(400, "subpath segments must be letters, digits, '_', '.', '~' or '-', and not '.' or '..'")
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise ApiError(413, f"body larger than {settings.max_body_bytes} bytes")
+    body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH also stops a chunked body that is too big
+    return queueing.Submission(
+        service=service,
+        subpath=subpath,
+        query=tuple((k, v) for k, v in request.args.items(multi=True) if not k.startswith("_")),
+        content_type=request.headers.get("Content-Type"),
+        body=body,
+        priority=priority == "1",
+        ttl=ttl,
+        idempotency_key=key,
+    )
+
+
+def _iso(moment: float | None) -> str | None:
+    return datetime.fromtimestamp(moment, tz=timezone.utc).isoformat() if moment else None
+
+
+def _state_body(state: queueing.RequestState) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "request_id": state.request_id,
+        "status": state.status,
+        "service_name": state.service,
+        "message": MESSAGES[state.status],
+        "attempts": state.attempts,
+        "enqueued_at": state.enqueued_at,
+        "started_at": state.started_at,
+        "ended_at": state.ended_at,
+    }
+    if state.status == "SUCCESS":
+        body["result"] = state.result
+    elif state.status == "FAILURE":
+        body["error_info"] = state.error
+    elif state.status == "RETRY":
+        body.update(next_attempt=state.attempts + 1, retry_at=_iso(state.retry_at), last_error=state.error)
+    elif state.status == "PENDING" and state.error:
+        body.update(next_attempt=state.attempts + 1, last_error=state.error)
+    return body
+
+
+def _request_id() -> str:
+    unknown = sorted(set(request.args) - SINK_PARAMETERS)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (the sink takes request_id)")
+    request_id = _single("request_id")
+    if not request_id:
+        raise ApiError(400, "request_id query parameter is required")
+    if not queueing.REQUEST_ID_PATTERN.match(request_id):
+        raise ApiError(400, "request_id is not a request id (a lowercase UUID)")
+    return request_id
+
+
+def _known_state(connection: redis.Redis, service: str, request_id: str) -> queueing.RequestState:
+    state = queueing.read_state(connection, request_id)
+    if state is None or state.service != service:
+        raise ApiError(404, "no such request for this service (unknown, expired or another service's)")
+    return state
+
+
+def _add_dashboard(app: Flask, settings: Settings) -> None:
+    app.config["RQ_DASHBOARD_REDIS_URL"] = settings.redis_url
+    rq_dashboard.web.setup_rq_connection(app)
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
+
+    @app.before_request
+    def dashboard_login() -> Response | None:
+        if request.path != "/rq" and not request.path.startswith("/rq/"):
+            return None
+        auth = request.authorization
+        if auth is None or auth.type != "basic" or not _matches(auth.password or "", settings.tokens):
+            response = jsonify(error="the dashboard needs HTTP Basic auth; the password is an API token")
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Basic realm="eas-queue dashboard"'
+            return response
+        return None
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Builds the app; the module-level `app` uses the process's settings."""
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    connection = queueing.connect(settings.redis_url, settings.redis_timeout)
+    enqueuer = queueing.Enqueuer(connection, settings)
+    _add_dashboard(app, settings)
+
+    @app.post("/api/predict/<service>")
+    @app.post("/api/predict/<service>/<path:subpath>")
+    def submit(service: str, subpath: str = "") -> Response:
+        _check_service(settings, service)
+        if subpath == "sink":
+            raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
+        queued = enqueuer.enqueue(_submission(settings, service, subpath))
+        if queued.outcome == "full":
+            raise ApiError(
+                429,
+                f"queue is full ({settings.max_queue_length} requests waiting); retry later",
+                {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
+            )
+        if queued.outcome == "conflict":
+            raise ApiError(422, "this Idempotency-Key was already used for a different request", request_id=queued.request_id)
+        response = Response(queued.request_id, status=200, mimetype="text/plain")
+        response.headers[forwarding.REQUEST_ID_HEADER] = queued.request_id
+        return response
+
+    @app.get("/api/predict/<service>/sink")
+    def sink(service: str) -> tuple[Response, int]:
+        _check_service(settings, service)
+        state = _known_state(connection, service, _request_id())
+        return jsonify(_state_body(state)), 200 if state.finished else 202
+
+    @app.delete("/api/predict/<service>/sink")
+    def cancel(service: str) -> tuple[Response, int]:
+        _check_service(settings, service)
+        request_id = _request_id()
+        state = _known_state(connection, service, request_id)
+        outcome = queueing.cancel(connection, request_id, settings.result_ttl)
+        if outcome != "canceled":
+            state = _known_state(connection, service, request_id)
+            if outcome == "running":
+                raise ApiError(409, "request is being forwarded now; it cannot be canceled", status=state.status)
+            raise ApiError(409, "request has already ended", status=state.status)
+        return jsonify(_state_body(_known_state(connection, service, request_id))), 200
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        connection.ping()
+        return jsonify(status="ok"), 200
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError) -> tuple[Response, int, dict[str, str]]:
+        return jsonify(error=error.message, **error.extra), error.status, error.headers
+
+    @app.errorhandler(redis.RedisError)
+    def redis_error(error: redis.RedisError) -> tuple[Response, int, dict[str, str]]:
+        log.warning("Redis unavailable: %s", error)
+        headers = {"Retry-After": str(REDIS_DOWN_RETRY_AFTER)}
+        return jsonify(error="the queue's storage (Redis) is unavailable; retry later"), 503, headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        response = error.get_response()
+        response.data = jsonify(error=error.description).get_data()
+        response.content_type = "application/json"
+        return response
+
+    @app.errorhandler(NoSuchJobError)
+    @app.errorhandler(LookupError)
+    def not_found(error: Exception) -> tuple[Response, int]:
+        return jsonify(error="not found"), 404
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> tuple[Response, int]:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(error="internal error"), 500
+
+    return app
+
+
+app = create_app()

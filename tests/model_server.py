@@ -1,0 +1,120 @@
+"""A real HTTP server standing in for the model API, steered by the query parameters each request carries.
+
+The queue forwards non-reserved query parameters, so a test says how the model should treat a request
+when it submits it:
+  status=<code>          answer with this status (default 200)
+  fail_first=<n>         answer `fail_status` (default 503) to the first n attempts of this request id
+  delay=<seconds>        wait before answering
+  echo=1                 answer with the request's own body and Content-Type
+Every request is recorded (arrival time, request id, path, query, headers, body) for the test to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
+
+
+@dataclass
+class Received:
+    at: float
+    request_id: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class ModelServer:
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+    _connections: set[socket.socket] = field(default_factory=set)
+
+    def start(self) -> "ModelServer":
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with model.lock:
+                    model._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with model.lock:
+                    model._connections.discard(self.connection)
+                super().finish()
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                url = urlsplit(self.path)
+                query = parse_qs(url.query, keep_blank_values=True)
+                request_id = self.headers.get(REQUEST_ID_HEADER, "")
+                with model.lock:
+                    model.received.append(
+                        Received(time.time(), request_id, url.path, query, dict(self.headers.items()), body)
+                    )
+                    attempt = sum(1 for r in model.received if r.request_id == request_id)
+                if "delay" in query:
+                    time.sleep(float(query["delay"][0]))
+                status = int(query.get("status", ["200"])[0])
+                if attempt <= int(query.get("fail_first", ["0"])[0]):
+                    status = int(query.get("fail_status", ["503"])[0])
+                if "echo" in query and status < 300:
+                    content_type = self.headers.get("Content-Type", "application/octet-stream")
+                    answer = body
+                else:
+                    content_type = "application/json"
+                    answer = json.dumps({"request_id": request_id, "attempt": attempt, "path": url.path}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stops answering and closes the port: the queue sees connection errors until start()."""
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with self.lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._connections.clear()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests_for(self, request_id: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if r.request_id == request_id]
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [r.request_id for r in self.received]

@@ -1,0 +1,545 @@
+"""What RQ workers run.
+
+`forward` is the job function behind every request; plain `rq worker high default` runs it (one fork per
+request). `QueueWorker` is the worker class to run in production (`rq worker -w worker.QueueWorker ...`):
+it forwards many requests at once from one process with pooled connections, claims requests from Redis
+atomically, re-queues due retries itself, and recovers requests whose worker died, within seconds.
+"""
+
+from __future__ import annotations
+
+import queue as stdlib_queue
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.executions import Execution
+from rq.job import Job, JobStatus, get_current_job
+from rq.queue import Queue
+from rq.registry import CanceledJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.results import Result
+from rq.utils import now, utcformat
+from rq.worker import BaseWorker, WorkerStatus
+
+import forwarding
+from queueing import (
+    ATTEMPTS_FIELD,
+    EXPIRES_AT_FIELD,
+    FORWARD_FUNCTION,
+    LAST_ERROR_FIELD,
+    OPEN_REQUESTS_KEY,
+    OUTCOME_FIELD,
+    QUEUE_NAMES,
+    queue_key,
+)
+from settings import get_settings
+
+# `rq worker -c worker` reads these: the queues in priority order, and Redis as the settings say.
+QUEUES = list(QUEUE_NAMES)
+REDIS_URL = get_settings().redis_url
+
+
+class ForwardError(Exception):
+    """An attempt failed; its message is the cause the sink reports."""
+
+
+def forward(
+    service: str, subpath: str, query: tuple[tuple[str, str], ...], content_type: str | None, body: bytes
+) -> dict[str, Any]:
+    """The RQ job function: forwards one request once. RQ retries it (retry_intervals) when it raises.
+
+    Used as is by plain `rq worker`; QueueWorker does the same steps itself, batched.
+    """
+    job = get_current_job()
+    assert job is not None, "worker.forward runs inside an RQ worker"
+    settings = get_settings()
+    with job.connection.pipeline() as pipe:
+        pipe.hincrby(job.key, ATTEMPTS_FIELD, 1)
+        pipe.hget(job.key, EXPIRES_AT_FIELD)
+        attempts, expires_at = pipe.execute()
+    if attempts == 1 and expires_at and time.time() > float(expires_at):
+        job.connection.hset(job.key, OUTCOME_FIELD, "expired")
+        job.retries_left = 0
+        raise ForwardError("expired before it was started")
+    attempt = forwarding.send(
+        settings.target_for(service), job.id, service, subpath, query, content_type, body, settings.forward_timeout
+    )
+    if attempt.result is not None:
+        return attempt.result
+    job.connection.hset(job.key, LAST_ERROR_FIELD, attempt.error or "")
+    if not attempt.retryable:
+        job.retries_left = 0  # RQ would otherwise retry any exception
+    raise ForwardError(attempt.error)
+
+
+# --- QueueWorker ----------------------------------------------------------------------------------
+
+# Claims up to ARGV[1] queued requests, strictly in the order of the queues in KEYS, and records each as
+# started (RQ status, StartedJobRegistry entry, Execution) in the same atomic step: no request is ever
+# popped without a trace (the gap of rq issue 1716). A request whose queue deadline passed ends EXPIRED
+# here, unforwarded. Returns {queue index, job id, execution id, job hash} per claimed request.
+_CLAIM = """
+-- KEYS: 1 open-requests index, 2 worker's execution set, then per queue: list, StartedJobRegistry, CanceledJobRegistry
+-- ARGV: 1 how many, 2 now (unix), 3 now (RQ text), 4 heartbeat deadline, 5 heartbeat ttl, 6 worker name,
+--       7 ttl of expired requests, 8 job key prefix, 9 execution key prefix, 10 executions registry prefix,
+--       11 adopted queue index (0: none), 12 adopted job id, 13.. fresh execution ids
+local want, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl, expired_ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
+local next_execution = 13
+local claimed = {}
+
+local function take(q, id)
+  local wip, canceled = KEYS[3 * q + 1], KEYS[3 * q + 2]
+  local job_key = ARGV[8] .. id
+  local state = redis.call('HMGET', job_key, 'status', 'eas_expires_at', 'eas_attempts')
+  if state[1] ~= 'queued' then return end  -- canceled, deleted or already taken: skip
+  local expires_at = tonumber(state[2])
+  if expires_at and (tonumber(state[3]) or 0) == 0 and now > expires_at then
+    redis.call('HSET', job_key, 'status', 'canceled', 'eas_outcome', 'expired', 'ended_at', ARGV[3])
+    redis.call('EXPIRE', job_key, expired_ttl)
+    redis.call('ZADD', canceled, now + expired_ttl, id)
+    redis.call('ZREM', KEYS[1], id)
+    return
+  end
+  local execution_id = ARGV[next_execution]
+  next_execution = next_execution + 1
+  local composite = id .. ':' .. execution_id
+  redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[3], 'last_heartbeat', ARGV[3],
+             'worker_name', ARGV[6])
+  redis.call('HINCRBY', job_key, 'eas_attempts', 1)
+  redis.call('ZADD', wip, ARGV[4], composite)
+  local execution_key = ARGV[9] .. composite
+  redis.call('HSET', execution_key, 'id', execution_id, 'job_id', id, 'created_at', ARGV[2],
+             'last_heartbeat', ARGV[2], 'worker_name', ARGV[6])
+  redis.call('EXPIRE', execution_key, ttl)
+  redis.call('ZADD', ARGV[10] .. id, tonumber(ARGV[4]) + 60, execution_id)
+  redis.call('EXPIRE', ARGV[10] .. id, ttl + 60)
+  redis.call('SADD', KEYS[2], composite)
+  claimed[#claimed + 1] = {q, id, execution_id, redis.call('HGETALL', job_key)}
+end
+
+local adopted = tonumber(ARGV[11])
+if adopted > 0 then take(adopted, ARGV[12]) end
+for q = 1, (#KEYS - 2) / 3 do
+  while #claimed < want do
+    local ids = redis.call('LPOP', KEYS[3 * q], want - #claimed)
+    if not ids then break end
+    for _, id in ipairs(ids) do take(q, id) end
+  end
+end
+return claimed
+"""
+
+# Moves retries whose wait is over from RQ's ScheduledJobRegistry back onto their queue, atomically,
+# so a request canceled meanwhile (status no longer `scheduled`) is never re-queued.
+_PROMOTE_DUE = """
+-- KEYS: per queue: ScheduledJobRegistry, list.  ARGV: 1 now (unix), 2 job key prefix
+local moved = 0
+for q = 1, #KEYS / 2 do
+  local registry, list = KEYS[2 * q - 1], KEYS[2 * q]
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', registry, '-inf', ARGV[1], 'LIMIT', 0, 1000)) do
+    local job_key = ARGV[2] .. id
+    if redis.call('HGET', job_key, 'status') == 'scheduled' then
+      redis.call('HSET', job_key, 'status', 'queued')
+      if redis.call('HGET', job_key, 'enqueue_at_front_on_retry') == '1' then
+        redis.call('LPUSH', list, id)
+      else
+        redis.call('RPUSH', list, id)
+      end
+      moved = moved + 1
+    end
+    redis.call('ZREM', registry, id)
+  end
+end
+return moved
+"""
+
+# Puts a request that says `queued` but sits in no queue back at the front of its queue.
+_REQUEUE_ORPHAN = """
+-- KEYS: 1 job hash, 2 queue list.  ARGV: 1 job id
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+@dataclass
+class InFlight:
+    """A request this worker has claimed and not yet committed."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+
+
+class QueueWorker(BaseWorker):
+    """An RQ worker that forwards `worker_concurrency` requests at a time from one process.
+
+    Threads do the HTTP calls; the main thread claims requests (strict priority, atomically recorded as
+    started) and keeps heartbeats; one committer thread writes outcomes to Redis in batches, through RQ's
+    own registries, results and retries. No fork and no import per job. It also does the upkeep that
+    stock RQ leaves to `--with-scheduler` and a 10-minute maintenance cycle: due retries are re-queued
+    within a second, and requests of a dead worker are retried once their heartbeat lapses (seconds).
+    """
+
+    heartbeat_ttl = 15  # seconds a claimed request stays "started" without a heartbeat from its worker
+    heartbeat_interval = 3.0
+    promote_interval = 0.5
+    recover_interval = 5.0
+    orphan_interval = 30.0
+    orphan_age = 30.0  # seconds an accepted request must be old before it can count as lost
+    idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
+    commit_batch = 256
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = get_settings()
+        self.concurrency = self.settings.worker_concurrency
+        self._claim = self.connection.register_script(_CLAIM)
+        self._promote = self.connection.register_script(_PROMOTE_DUE)
+        self._requeue_orphan = self.connection.register_script(_REQUEUE_ORPHAN)
+        self._in_flight: dict[str, InFlight] = {}
+        self._slots = threading.Condition()
+        self._outcomes: stdlib_queue.SimpleQueue = stdlib_queue.SimpleQueue()
+        self._queues_by_index = {i + 1: q for i, q in enumerate(self.queues)}
+        self._due: dict[str, float] = {}
+        self._orphan_suspects: set[str] = set()
+        self._threads: list[threading.Thread] = []
+
+    # -- the work loop ----------------------------------------------------------------------------
+
+    def work(
+        self,
+        burst: bool = False,
+        logging_level: str | None = None,
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+        max_jobs: int | None = None,
+        max_idle_time: int | None = None,
+        with_scheduler: bool = False,
+        **_: Any,
+    ) -> bool:
+        """Claims and forwards requests until stopped (or, with --burst, until the queues are empty)."""
+        self.bootstrap(logging_level or "INFO", date_format, log_format)
+        self._install_signal_handlers()
+        self._start_threads()
+        started = 0
+        idle_since = time.monotonic()
+        backoff = 0.5
+        try:
+            while not self._stop_requested:
+                try:
+                    self._upkeep()
+                    free = self._free_slots()
+                    if free == 0:
+                        continue
+                    if max_jobs is not None:
+                        free = min(free, max_jobs - started)
+                    claimed = self._claim_requests(free)
+                    if not claimed:
+                        if burst and not self._in_flight:
+                            break
+                        if max_idle_time is not None and not self._in_flight:
+                            if time.monotonic() - idle_since > max_idle_time:
+                                break
+                        claimed = self._wait_for_request()
+                    else:
+                        idle_since = time.monotonic()
+                    for item in claimed:
+                        self._pool.put(item)
+                    started += len(claimed)
+                    if max_jobs is not None and started >= max_jobs:
+                        break
+                    backoff = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as error:
+                    self.log.warning("Worker %s: Redis unavailable (%s), retrying in %.1fs", self.name, error, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self._drain_and_stop()
+            self._teardown_quietly()
+        return started > 0
+
+    def _free_slots(self) -> int:
+        with self._slots:
+            if len(self._in_flight) >= self.concurrency:
+                self._slots.wait(timeout=self.idle_wait)
+            return self.concurrency - len(self._in_flight)
+
+    def _claim_requests(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
+        """Claims up to `count` requests (plus `adopted`, already popped) in one atomic Redis call."""
+        keys = [OPEN_REQUESTS_KEY, self.executions_key]
+        for q in self.queues:
+            keys += [q.key, q.started_job_registry.key, CanceledJobRegistry(q.name, connection=self.connection).key]
+        moment = now()
+        stamp = time.time()
+        execution_ids = [uuid.uuid4().hex for _ in range(count)]
+        args = [
+            count,
+            repr(stamp),
+            utcformat(moment),
+            repr(stamp + self.heartbeat_ttl),
+            self.heartbeat_ttl,
+            self.name,
+            self.settings.result_ttl,
+            Job.redis_job_namespace_prefix,
+            "rq:execution:",
+            "rq:executions:",
+            adopted[0] if adopted else 0,
+            adopted[1] if adopted else "",
+            *execution_ids,
+        ]
+        claimed = []
+        for queue_index, job_id, execution_id, flat in self._claim(keys=keys, args=args):
+            job = Job(job_id.decode(), connection=self.connection)
+            job.restore(dict(zip(flat[::2], flat[1::2])))
+            execution = Execution(execution_id.decode(), job.id, connection=self.connection, worker_name=self.name)
+            execution._job = job
+            item = InFlight(job, self._queues_by_index[queue_index], execution)
+            claimed.append(item)
+        with self._slots:
+            for item in claimed:
+                self._in_flight[item.job.id] = item
+        return claimed
+
+    def _wait_for_request(self) -> list[InFlight]:
+        """Blocks until a request arrives (BLPOP keeps the queues' priority order), then claims it."""
+        timeout = max(0.01, min(self.idle_wait, self._next_due() - time.monotonic()))
+        popped = self.connection.blpop([q.key for q in self.queues], timeout=timeout)
+        if popped is None:
+            return []
+        key, job_id = popped[0].decode(), popped[1].decode()
+        index = next(i for i, q in self._queues_by_index.items() if q.key == key)
+        # Between BLPOP and this claim the id is in no queue; if this process dies right here, the
+        # orphan sweep (_recover_orphans) finds the request and queues it again.
+        return self._claim_requests(1, adopted=(index, job_id))
+
+    # -- threads: forwarding and committing ------------------------------------------------------
+
+    def _start_threads(self) -> None:
+        self._pool: stdlib_queue.SimpleQueue = stdlib_queue.SimpleQueue()
+        for n in range(self.concurrency):
+            self._threads.append(threading.Thread(target=self._forward_loop, name=f"forward-{n}", daemon=True))
+        self._committer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
+        for thread in [*self._threads, self._committer]:
+            thread.start()
+
+    def _forward_loop(self) -> None:
+        while True:
+            item = self._pool.get()
+            if item is None:
+                return
+            self._outcomes.put((item, self._run(item.job)))
+
+    def _run(self, job: Job) -> forwarding.Attempt:
+        """One attempt at one request; never raises."""
+        try:
+            if job.func_name == FORWARD_FUNCTION:
+                service, subpath, query, content_type, body = job.args
+                return forwarding.send(
+                    self.settings.target_for(service),
+                    job.id,
+                    service,
+                    subpath,
+                    query,
+                    content_type,
+                    body,
+                    self.settings.forward_timeout,
+                )
+            return forwarding.Attempt(result=job.perform())  # another job function: run it as RQ would
+        except Exception:
+            return forwarding.Attempt(error=traceback.format_exc(), retryable=True)
+
+    def _commit_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            first = self._outcomes.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.commit_batch:
+                try:
+                    nxt = self._outcomes.get_nowait()
+                except stdlib_queue.Empty:
+                    break
+                if nxt is None:
+                    self._outcomes.put(None)
+                    break
+                batch.append(nxt)
+            while True:
+                try:
+                    self._commit(batch)
+                    backoff = 0.2
+                    break
+                except (redis.ConnectionError, redis.TimeoutError) as error:
+                    self.log.warning("Worker %s: cannot record %d outcomes yet (%s)", self.name, len(batch), error)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                except Exception:
+                    self.log.exception("Worker %s: recording outcomes failed; they will be retried by recovery", self.name)
+                    break
+            with self._slots:
+                for item, _ in batch:
+                    self._in_flight.pop(item.job.id, None)
+                self._slots.notify_all()
+
+    def _commit(self, batch: list[tuple[InFlight, forwarding.Attempt]]) -> None:
+        """Records a batch of outcomes in one MULTI/EXEC, with RQ's own writes for each."""
+        settings = self.settings
+        succeeded = failed = 0
+        with self.connection.pipeline() as pipe:
+            for item, attempt in batch:
+                job, execution = item.job, item.execution
+                job.ended_at = now()
+                execution.delete(job=job, pipeline=pipe)
+                if attempt.result is not None:
+                    succeeded += 1
+                    job.set_status(JobStatus.FINISHED, pipeline=pipe)
+                    pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+                    Result.create(
+                        job,
+                        Result.Type.SUCCESSFUL,
+                        settings.result_ttl,
+                        return_value=attempt.result,
+                        worker_name=self.name,
+                        pipeline=pipe,
+                        execution_id=execution.id,
+                        execution_started_at=execution.created_at,
+                        execution_ended_at=job.ended_at,
+                    )
+                    job.finished_job_registry.add(job, settings.result_ttl, pipe)
+                    pipe.expire(job.key, settings.result_ttl)
+                    pipe.zrem(OPEN_REQUESTS_KEY, job.id)
+                    continue
+                failed += 1
+                error = attempt.error or "failed"
+                pipe.hset(job.key, LAST_ERROR_FIELD, error.strip().splitlines()[-1])
+                if attempt.retryable and job.retries_left:
+                    job.retry(item.queue, pipe)  # RQ: wait in ScheduledJobRegistry, then back on the queue
+                    continue
+                job.set_status(JobStatus.FAILED, pipeline=pipe)
+                job.failed_job_registry.add(job, ttl=settings.failure_ttl, exc_string=error, pipeline=pipe)
+                Result.create_failure(
+                    job,
+                    settings.failure_ttl,
+                    exc_string=error,
+                    worker_name=self.name,
+                    pipeline=pipe,
+                    execution_id=execution.id,
+                    execution_started_at=execution.created_at,
+                    execution_ended_at=job.ended_at,
+                )
+                pipe.zrem(OPEN_REQUESTS_KEY, job.id)
+            pipe.hincrby(self.key, "successful_job_count", succeeded)
+            pipe.hincrby(self.key, "failed_job_count", failed)
+            pipe.execute()
+
+    def _drain_and_stop(self) -> None:
+        """Warm shutdown: lets claimed requests finish and be recorded before the threads end."""
+        deadline = time.monotonic() + self.settings.forward_timeout + 10
+        with self._slots:
+            while self._in_flight and time.monotonic() < deadline:
+                self._slots.wait(timeout=0.5)
+        for _ in self._threads:
+            self._pool.put(None)
+        self._outcomes.put(None)
+
+    # -- upkeep: heartbeats, due retries, recovery ------------------------------------------------
+
+    def _next_due(self) -> float:
+        return min(self._due.values(), default=time.monotonic() + self.idle_wait)
+
+    def _every(self, name: str, interval: float) -> bool:
+        moment = time.monotonic()
+        if moment < self._due.get(name, 0):
+            return False
+        self._due[name] = moment + interval
+        return True
+
+    def _upkeep(self) -> None:
+        if self._every("heartbeat", self.heartbeat_interval):
+            self._heartbeat()
+        if self._every("promote", self.promote_interval):
+            self._promote(
+                keys=[k for q in self.queues for k in (ScheduledJobRegistry(queue=q).key, q.key)],
+                args=[time.time(), Job.redis_job_namespace_prefix],
+            )
+        if self._every("recover", self.recover_interval) and self._lock("recover", self.recover_interval):
+            for q in self.queues:
+                # RQ's own recovery: a started request whose heartbeat lapsed is retried (if it has retries
+                # left) or failed. Stock RQ runs this every 10 minutes; we run it every few seconds.
+                StartedJobRegistry(q.name, connection=self.connection).cleanup(exception_handlers=self._exc_handlers)
+        if self._every("orphans", self.orphan_interval) and self._lock("orphans", self.orphan_interval):
+            self._recover_orphans()
+
+    def _lock(self, name: str, seconds: float) -> bool:
+        """One worker at a time does each recovery task."""
+        return bool(self.connection.set(f"eas:lock:{name}", self.name, nx=True, px=int(seconds * 1000) - 100))
+
+    def _heartbeat(self) -> None:
+        deadline = time.time() + self.heartbeat_ttl
+        with self._slots:
+            in_flight = list(self._in_flight.values())
+        with self.connection.pipeline(transaction=False) as pipe:
+            self.heartbeat(pipeline=pipe)
+            self.set_state(WorkerStatus.BUSY if in_flight else WorkerStatus.IDLE, pipeline=pipe)
+            for item in in_flight:
+                pipe.zadd(item.queue.started_job_registry.key, {item.execution.composite_key: deadline}, xx=True)
+                pipe.expire(item.execution.key, self.heartbeat_ttl)
+            pipe.execute()
+
+    def _recover_orphans(self) -> None:
+        """Re-queues requests that say `queued` but are in no queue: popped by a worker that died before
+        it recorded them (stock RQ's multi-queue BLPOP, rq issue 1716). A request must look lost on two
+        sweeps in a row, `orphan_interval` apart, before it is re-queued; ended ones leave the index."""
+        cutoff = time.time() - self.orphan_age
+        ids = [i.decode() for i in self.connection.zrangebyscore(OPEN_REQUESTS_KEY, "-inf", cutoff, 0, 10000)]
+        if not ids:
+            self._orphan_suspects = set()
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(Job.key_for(job_id), "status", "origin")
+            states = pipe.execute()
+        ended, queued = [], {}
+        for job_id, (status, origin) in zip(ids, states):
+            if status is None or status.decode() in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
+                ended.append(job_id)
+            elif status.decode() == JobStatus.QUEUED and origin:
+                queued[job_id] = origin.decode()
+        if ended:
+            self.connection.zrem(OPEN_REQUESTS_KEY, *ended)
+        waiting: set[str] = set()
+        if queued:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for name in set(queued.values()):
+                    q = Queue(name, connection=self.connection)
+                    pipe.lrange(q.key, 0, -1)
+                    pipe.lrange(q.intermediate_queue_key, 0, -1)
+                for ids_in_list in pipe.execute():
+                    waiting.update(i.decode() for i in ids_in_list)
+        suspects = {job_id for job_id in queued if job_id not in waiting}
+        for job_id in suspects & self._orphan_suspects:
+            if self._requeue_orphan(keys=[Job.key_for(job_id), queue_key(queued[job_id])], args=[job_id]):
+                self.log.warning("Worker %s: request %s was in no queue; queued it again", self.name, job_id)
+        self._orphan_suspects = suspects
+
+    # -- start and end ----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Warm shutdown (SIGTERM, first Ctrl+C): stop claiming, finish what is claimed. Unlike RQ's
+        default this never raises inside the loop, so a claim in progress is never lost half-way."""
+        self._stop_requested = True
+
+    def _teardown_quietly(self) -> None:
+        try:
+            self.teardown()
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.log.warning("Worker %s: Redis unavailable at shutdown; its registration will expire", self.name)
+
