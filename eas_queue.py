@@ -108,9 +108,7 @@ def _submission(settings: Settings, service: str, subpath: str) -> queueing.Subm
         raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters")
     if not forwarding.is_subpath(subpath):
         raise ApiError(400, "subpath segments must be letters, digits, '_', '.', '~' or '-', and not '.' or '..'")
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise ApiError(413, f"body larger than {settings.max_body_bytes} bytes")
-    body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH also stops a chunked body that is too big
+    body = _read_body(settings.max_body_bytes)
     return queueing.Submission(
         service=service,
         subpath=subpath,
@@ -121,6 +119,25 @@ def _submission(settings: Settings, service: str, subpath: str) -> queueing.Subm
         ttl=ttl,
         idempotency_key=key,
     )
+
+
+def _read_body(limit: int) -> bytes:
+    """The body, or 413 if it is longer than `limit`: checked against Content-Length, and counted while
+    reading a chunked body (werkzeug would silently cut such a body at MAX_CONTENT_LENGTH)."""
+    too_big = ApiError(413, f"body larger than {limit} bytes")
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise too_big
+        return request.get_data(cache=False)
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""  # no length and a server that does not end the stream: nothing can be read safely
+    stream, chunks, size = request.environ["wsgi.input"], [], 0
+    while chunk := stream.read(min(65536, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+    return b"".join(chunks)
 
 
 def _iso(moment: float | None) -> str | None:
@@ -190,6 +207,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Builds the app; the module-level `app` uses the process's settings."""
     settings = settings or get_settings()
     app = Flask(__name__)
+    app.url_map.merge_slashes = False  # `a//b` is a bad subpath (400), not a redirect to `a/b`
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = queueing.connect(settings.redis_url, settings.redis_timeout)
     enqueuer = queueing.Enqueuer(connection, settings)

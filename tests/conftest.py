@@ -117,7 +117,7 @@ class Api:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--preload", "--bind",
+            [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--preload", "--no-control-socket", "--bind",
              f"127.0.0.1:{self.port}", "--log-level", "warning", "eas_queue:app"],
             cwd=ROOT, env=env,
         )
@@ -243,3 +243,23 @@ def workers(db: redis.Redis, redis_server: RedisServer, model: ModelServer) -> I
     pool = Workers(service_env(redis_server.url, model.url), redis_server.url)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture
+def make_api(redis_server: RedisServer, model: ModelServer, tmp_path: Path) -> Iterator[Callable[..., Api]]:
+    """Starts an API with other settings: keyword settings, and `toml` text laid over settings.toml."""
+    started: list[Api] = []
+
+    def start(toml: str | None = None, **settings: object) -> Api:
+        env = service_env(redis_server.url, model.url, **settings)
+        if toml is not None:
+            path = tmp_path / f"settings-{len(started)}.toml"
+            path.write_text(toml)
+            env["EAS_QUEUE_SETTINGS"] = str(path)
+        service = Api(env)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

@@ -6,6 +6,7 @@ when it submits it:
   fail_first=<n>         answer `fail_status` (default 503) to the first n attempts of this request id
   delay=<seconds>        wait before answering
   echo=1                 answer with the request's own body and Content-Type
+  answer=<text>          answer with this text, as `content_type` (default application/json)
 Every request is recorded (arrival time, request id, path, query, headers, body) for the test to inspect.
 """
 
@@ -30,6 +31,7 @@ class Received:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: bytes
+    client: tuple[str, int]  # the TCP connection it came on: reused connections repeat it
 
 
 @dataclass
@@ -67,7 +69,7 @@ class ModelServer:
                 request_id = self.headers.get(REQUEST_ID_HEADER, "")
                 with model.lock:
                     model.received.append(
-                        Received(time.time(), request_id, url.path, query, dict(self.headers.items()), body)
+                        Received(time.time(), request_id, url.path, query, dict(self.headers.items()), body, self.client_address)
                     )
                     attempt = sum(1 for r in model.received if r.request_id == request_id)
                 if "delay" in query:
@@ -79,8 +81,8 @@ class ModelServer:
                     content_type = self.headers.get("Content-Type", "application/octet-stream")
                     answer = body
                 else:
-                    content_type = "application/json"
-                    answer = json.dumps({"request_id": request_id, "attempt": attempt, "path": url.path}).encode()
+                    content_type = query.get("content_type", ["application/json"])[0]
+                    answer = query["answer"][0].encode() if "answer" in query else json.dumps({"request_id": request_id, "attempt": attempt, "path": url.path}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(answer)))

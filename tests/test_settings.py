@@ -1,0 +1,114 @@
+"""Settings: defaults from settings.toml, a TOML file laid over them, the environment over both; a bad
+setting stops the API and the workers at start with one line naming the key."""
+
+import subprocess
+
+import pytest
+
+from settings import SettingsError, load_settings
+from tests.conftest import BIN, ROOT, service_env
+
+
+def test_defaults_come_from_settings_toml():
+    settings = load_settings({})
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.retry_intervals == (1, 5, 30)
+    assert settings.tokens == ("demo-token",)
+    assert settings.queue_ttl == 0
+
+
+def test_environment_overrides_every_kind_of_key():
+    settings = load_settings(
+        {
+            "EAS_QUEUE_TOKENS": "a, b",
+            "EAS_QUEUE_RETRY_INTERVALS": "0.5,2",
+            "EAS_QUEUE_MAX_QUEUE_LENGTH": "7",
+            "EAS_QUEUE_FORWARD_TIMEOUT": "2.5",
+            "EAS_QUEUE_LISTED_SERVICES_ONLY": "true",
+            "REDIS_URL": "redis://other:6380/1",
+            "TARGET_API_BASE_URL": "http://model:9000/",
+        }
+    )
+    assert settings.tokens == ("a", "b")
+    assert settings.retry_intervals == (0.5, 2)
+    assert settings.max_queue_length == 7
+    assert settings.forward_timeout == 2.5
+    assert settings.listed_services_only is True
+    assert settings.redis_url == "redis://other:6380/1"
+    assert settings.target_api_base_url == "http://model:9000"
+
+
+def test_prefixed_variable_wins_over_bare_one():
+    settings = load_settings({"REDIS_URL": "redis://bare:1/0", "EAS_QUEUE_REDIS_URL": "redis://prefixed:2/0"})
+    assert settings.redis_url == "redis://prefixed:2/0"
+
+
+def test_a_settings_file_is_laid_over_the_defaults(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_text(
+        'tokens = ["site"]\n'
+        "[services.big]\n"
+        'target_api_base_url = "https://gpu:8443"\n'
+        'tokens = ["big-token"]\n'
+    )
+    settings = load_settings({"EAS_QUEUE_SETTINGS": str(path)})
+    assert settings.tokens == ("site",)
+    assert settings.result_ttl == 86400  # untouched defaults stay
+    assert settings.target_for("big") == "https://gpu:8443"
+    assert settings.tokens_for("big") == ("big-token",)
+    assert settings.target_for("other") == "http://localhost:5001"
+    assert settings.tokens_for("other") == ("site",)
+
+
+@pytest.mark.parametrize(
+    "environ, key",
+    [
+        ({"EAS_QUEUE_TOKENS": ""}, "tokens"),
+        ({"EAS_QUEUE_MAX_BODY_BYTES": "ten"}, "max_body_bytes"),
+        ({"EAS_QUEUE_MAX_QUEUE_LENGTH": "0"}, "max_queue_length"),
+        ({"EAS_QUEUE_RETRY_INTERVALS": "1,-5"}, "retry_intervals"),
+        ({"EAS_QUEUE_REDIS_URL": "http://x"}, "redis_url"),
+        ({"EAS_QUEUE_TARGET_API_BASE_URL": "localhost:5001"}, "target_api_base_url"),
+        ({"EAS_QUEUE_LISTED_SERVICES_ONLY": "maybe"}, "listed_services_only"),
+        ({"EAS_QUEUE_NO_SUCH_THING": "1"}, "EAS_QUEUE_NO_SUCH_THING"),
+    ],
+)
+def test_bad_values_name_their_key(environ, key):
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ)
+    assert raised.value.key == key
+
+
+@pytest.mark.parametrize(
+    "toml, key",
+    [
+        ("max_body_bytes = '10'", "max_body_bytes"),
+        ("tokens = []", "tokens"),
+        ("colour = 'blue'", "colour"),
+        ("[services.x]\nurl = 'http://a'", "services.x.url"),
+        ("[services.'bad/name']\ntokens = ['t']", "services.bad/name"),
+    ],
+)
+def test_bad_files_name_their_key(tmp_path, toml, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"EAS_QUEUE_SETTINGS": str(path)})
+    assert raised.value.key == key
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [str(BIN / "gunicorn"), "--preload", "--no-control-socket", "--bind", "127.0.0.1:0", "eas_queue:app"],
+        [str(BIN / "rq"), "worker", "-w", "worker.QueueWorker", "high", "default"],
+        [str(BIN / "flask"), "--app", "eas_queue", "routes"],
+    ],
+    ids=["gunicorn", "rq-worker", "flask"],
+)
+def test_a_bad_setting_stops_the_process_at_start_with_one_line(command):
+    env = service_env("redis://127.0.0.1:1/0", "http://127.0.0.1:1", max_queue_length="lots")
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert finished.returncode != 0
+    ours = [line for line in finished.stderr.splitlines() if line.startswith("eas-queue:")]
+    assert ours == ["eas-queue: bad setting max_queue_length: must be a number, not 'lots'"]

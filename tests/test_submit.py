@@ -1,0 +1,175 @@
+"""POST /api/predict/<service>[/<subpath>]: who may submit, what is accepted, where it is queued."""
+
+import http.client
+
+import requests
+from rq.job import Job
+
+from tests.conftest import AUTH, TOKEN, wait_for
+
+
+def queued(db, name):
+    return [i.decode() for i in db.lrange(f"rq:queue:{name}", 0, -1)]
+
+
+def nothing_enqueued(db):
+    return not queued(db, "high") and not queued(db, "default") and not db.keys("rq:job:*")
+
+
+def test_success_answers_the_request_id_as_body_and_header(api, db):
+    response = api.submit()
+    assert response.status_code == 200
+    assert response.headers["X-Eas-Queueservice-Request-Id"] == response.text
+    assert queued(db, "default") == [response.text]
+    job = Job.fetch(response.text, connection=db)  # an RQ job whose id is the request id
+    assert job.func_name == "worker.forward"
+    assert job.get_status() == "queued"
+
+
+def test_both_token_forms_are_accepted(api, db):
+    assert api.submit(headers={"Authorization": TOKEN}).status_code == 200
+    assert api.submit(headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert api.submit(headers={"Authorization": "second-token"}).status_code == 200
+
+
+def test_missing_or_wrong_token_is_refused_with_json(api, db):
+    missing = requests.post(api.url + "/api/predict/svc", data=b"{}", timeout=5)
+    assert missing.status_code == 401
+    assert "Authorization" in missing.json()["error"]
+    for header in ("nope", "Bearer nope", "Bearer", f"Basic {TOKEN}x"):
+        wrong = api.submit(headers={"Authorization": header})
+        assert wrong.status_code == 403, header
+        assert wrong.headers["Content-Type"] == "application/json"
+        assert wrong.json() == {"error": "token not accepted"}
+    assert nothing_enqueued(db)
+
+
+def raw_post(api, path):
+    """POSTs to `path` exactly as written (requests would resolve `..` and `.` before sending)."""
+    connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    connection.request("POST", path, body=b"{}", headers=AUTH)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_service_names(api, db):
+    for name in ("a", "model_v2", "my-model.prod", "x" * 128, "v1.2"):
+        assert api.submit(name).status_code == 200, name
+    for name in ("x" * 129, "caf%C3%A9", "a%20b", "a$b", "a%40b"):
+        response = api.submit(name)
+        assert response.status_code == 400, name
+        assert "service name" in response.json()["error"]
+    for name in ("..", ".", "..."):
+        status, body = raw_post(api, f"/api/predict/{name}")
+        assert status == 400, name
+    assert len(db.keys("rq:job:*")) == 5
+
+
+def test_listed_services_only_refuses_others_with_404(make_api, db):
+    listed = make_api(toml="listed_services_only = true\n[services.known]\n", listed_services_only="true")
+    assert listed.submit("known").status_code == 200
+    unknown = listed.submit("unknown")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "unknown service 'unknown'"}
+
+
+def test_a_service_can_have_its_own_tokens(make_api, db):
+    api = make_api(toml='[services.private]\ntokens = ["private-token"]\n')
+    assert api.submit("private", headers={"Authorization": "private-token"}).status_code == 200
+    assert api.submit("private").status_code == 403  # the global token is not accepted there
+    assert api.submit("public").status_code == 200
+    assert api.submit("public", headers={"Authorization": "private-token"}).status_code == 403
+
+
+def test_priority_chooses_the_queue(api, db):
+    high = api.submit_ok(params={"_priority_": "1"})
+    low = api.submit_ok(params={"_priority_": "0"})
+    plain = api.submit_ok()
+    assert queued(db, "high") == [high]
+    assert queued(db, "default") == [low, plain]
+    for bad in ("2", "yes", "", "01", "-1"):
+        response = api.submit(params={"_priority_": bad})
+        assert response.status_code == 400, bad
+        assert response.json() == {"error": "_priority_ must be 0 or 1"}
+    assert len(db.keys("rq:job:*")) == 3
+
+
+def test_unknown_reserved_parameters_are_refused(api, db):
+    response = api.submit(params={"_priorty_": "1"})
+    assert response.status_code == 400
+    assert "_priorty_" in response.json()["error"]
+    assert nothing_enqueued(db)
+
+
+def test_the_body_is_stored_as_bytes_whatever_its_type(api, db):
+    body = bytes(range(256)) * 4
+    request_id = api.submit_ok(body=body, headers={"Content-Type": "image/x-raw"}, subpath="v1/run",
+                               params={"tag": "a", "other": "b"})
+    service, subpath, query, content_type, stored = Job.fetch(request_id, connection=db).args
+    assert (service, subpath, content_type, stored) == ("svc", "v1/run", "image/x-raw", body)
+    assert list(query) == [("tag", "a"), ("other", "b")]
+    empty = api.submit_ok(body=b"", headers={"Content-Type": ""})
+    assert Job.fetch(empty, connection=db).args[4] == b""
+
+
+def test_a_body_over_the_limit_is_refused_with_413_and_nothing_queued(make_api, db):
+    api = make_api(max_body_bytes=1000)
+    assert api.submit(body=b"x" * 1000).status_code == 200
+    db.flushall()
+    too_big = api.submit(body=b"x" * 1001)
+    assert too_big.status_code == 413
+    assert "1000 bytes" in too_big.json()["error"]
+
+    def chunks():
+        for _ in range(20):
+            yield b"y" * 100
+
+    chunked = requests.post(api.url + "/api/predict/svc", data=chunks(), headers=AUTH, timeout=10)
+    assert chunked.status_code == 413
+    assert nothing_enqueued(db)
+
+
+def test_a_full_queue_answers_429_with_retry_after(make_api, db):
+    api = make_api(max_queue_length=3)
+    ids = [api.submit_ok() for _ in range(3)]
+    full = api.submit()
+    assert full.status_code == 429
+    assert int(full.headers["Retry-After"]) > 0
+    assert "queue is full" in full.json()["error"]
+    assert queued(db, "default") == ids
+    assert api.submit(params={"_priority_": "1"}).status_code == 200  # each queue has its own cap
+
+
+def test_subpaths_that_could_escape_are_refused(api, db):
+    for subpath in ("a/../b", "..", "../../admin", "a/./b", "a//b", "//evil.example/x", "a%2F..%2Fb", "a%5Cb",
+                    "a\\b", "user@evil.example", "a%00b", "%2e%2e/x", "x" * 1025):
+        status, body = raw_post(api, "/api/predict/svc/" + subpath)
+        assert status in (400, 404), subpath  # 404: no route takes a path segment that is empty
+        assert b'"error"' in body
+    assert nothing_enqueued(db)
+
+
+def test_posting_to_the_sink_is_not_a_submit(api, db):
+    response = api.submit(subpath="sink")
+    assert response.status_code == 405
+    assert response.json()["error"].startswith("the sink is read with GET")
+    assert nothing_enqueued(db)
+
+
+def test_other_methods_and_paths_answer_json(api, db):
+    wrong_method = requests.get(api.url + "/api/predict/svc", headers=AUTH, timeout=5)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["Content-Type"] == "application/json"
+    nowhere = requests.get(api.url + "/nowhere", timeout=5)
+    assert nowhere.status_code == 404
+    assert "error" in nowhere.json()
+
+
+def test_health(api, db):
+    assert requests.get(api.url + "/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_enqueue_keeps_rq_bookkeeping(api, db):
+    request_id = api.submit_ok()
+    assert db.sismember("rq:queues", "rq:queue:default")
+    assert wait_for(lambda: db.zscore("eas:open", request_id) is not None, what="the open-requests index")
