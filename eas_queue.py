@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -141,7 +141,7 @@ def _read_body(limit: int) -> bytes:
 
 
 def _iso(moment: float | None) -> str | None:
-    return datetime.fromtimestamp(moment, tz=timezone.utc).isoformat() if moment else None
+    return datetime.fromtimestamp(moment, tz=UTC).isoformat() if moment else None
 
 
 def _state_body(state: queueing.RequestState) -> dict[str, Any]:
@@ -227,7 +227,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                 {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
             )
         if queued.outcome == "conflict":
-            raise ApiError(422, "this Idempotency-Key was already used for a different request", request_id=queued.request_id)
+            raise ApiError(
+                422, "this Idempotency-Key was already used for a different request", request_id=queued.request_id
+            )
         response = Response(queued.request_id, status=200, mimetype="text/plain")
         response.headers[forwarding.REQUEST_ID_HEADER] = queued.request_id
         return response

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
@@ -236,7 +236,7 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
         for name in QUEUE_NAMES:
             pipe.zscore(ScheduledJobRegistry(name, connection=connection).key, request_id)
         fields, results, *retry_times = pipe.execute()
-    raw = dict(zip(_VIEW_FIELDS, fields))
+    raw = dict(zip(_VIEW_FIELDS, fields, strict=False))
     if not raw["status"] or not raw[SERVICE_FIELD]:
         return None
     rq_status = raw["status"].decode()

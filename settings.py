@@ -11,9 +11,10 @@ import math
 import os
 import sys
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_FILE = Path(__file__).with_name("settings.toml")

@@ -298,7 +298,7 @@ class QueueWorker(BaseWorker):
         claimed = []
         for queue_index, job_id, execution_id, flat in self._claim(keys=keys, args=args):
             job = Job(job_id.decode(), connection=self.connection)
-            job.restore(dict(zip(flat[::2], flat[1::2])))
+            job.restore(dict(zip(flat[::2], flat[1::2], strict=False)))
             execution = Execution(execution_id.decode(), job.id, connection=self.connection, worker_name=self.name)
             execution._job = job
             item = InFlight(job, self._queues_by_index[queue_index], execution)
@@ -382,7 +382,9 @@ class QueueWorker(BaseWorker):
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                 except Exception:
-                    self.log.exception("Worker %s: recording outcomes failed; they will be retried by recovery", self.name)
+                    self.log.exception(
+                        "Worker %s: recording outcomes failed; they will be retried by recovery", self.name
+                    )
                     break
             with self._slots:
                 for item, _ in batch:
@@ -508,7 +510,7 @@ class QueueWorker(BaseWorker):
                 pipe.hmget(Job.key_for(job_id), "status", "origin")
             states = pipe.execute()
         ended, queued = [], {}
-        for job_id, (status, origin) in zip(ids, states):
+        for job_id, (status, origin) in zip(ids, states, strict=False):
             if status is None or status.decode() in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
                 ended.append(job_id)
             elif status.decode() == JobStatus.QUEUED and origin:
@@ -542,4 +544,3 @@ class QueueWorker(BaseWorker):
             self.teardown()
         except (redis.ConnectionError, redis.TimeoutError):
             self.log.warning("Worker %s: Redis unavailable at shutdown; its registration will expire", self.name)
-

@@ -49,8 +49,21 @@ def serve(url: str) -> None:
     fsync = os.environ.get("REDIS_APPENDFSYNC", "everysec")
     os.execv(
         binary,
-        [binary, "--port", str(parts.port or 6379), "--bind", "127.0.0.1", "--dir", str(data),
-         "--appendonly", "yes", "--appendfsync", fsync, "--save", ""],
+        [
+            binary,
+            "--port",
+            str(parts.port or 6379),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            fsync,
+            "--save",
+            "",
+        ],
     )
 
 

@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import redis
@@ -65,14 +65,26 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "no"]
         if self.appendfsync:
             persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"), *persistence],
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+                *persistence,
+            ],
         )
         client = self.client()
         wait_for(lambda: _pings(client), 10, "redis-server to start")
@@ -93,7 +105,11 @@ def _pings(client: redis.Redis) -> bool:
 
 def service_env(redis_url: str, model_url: str, **settings: object) -> dict[str, str]:
     """The environment for the API and the workers: the given settings over short test defaults."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EAS_QUEUE_") and k not in ("REDIS_URL", "TARGET_API_BASE_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EAS_QUEUE_") and k not in ("REDIS_URL", "TARGET_API_BASE_URL")
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     defaults = {
         "redis_url": redis_url,
@@ -114,12 +130,26 @@ class Api:
     """The API under gunicorn, as a user runs it."""
 
     def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--preload", "--no-control-socket", "--bind",
-             f"127.0.0.1:{self.port}", "--log-level", "warning", "eas_queue:app"],
-            cwd=ROOT, env=env,
+            [
+                str(BIN / "gunicorn"),
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "--preload",
+                "--no-control-socket",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--log-level",
+                "warning",
+                "eas_queue:app",
+            ],
+            cwd=ROOT,
+            env=env,
         )
         wait_for(self._listening, 20, "the API to listen")
 
@@ -132,8 +162,14 @@ class Api:
         except requests.ConnectionError:
             return False
 
-    def submit(self, service: str = "svc", body: bytes | str = b"{}", params: dict | None = None,
-               headers: dict | None = None, subpath: str = "") -> requests.Response:
+    def submit(
+        self,
+        service: str = "svc",
+        body: bytes | str = b"{}",
+        params: dict | None = None,
+        headers: dict | None = None,
+        subpath: str = "",
+    ) -> requests.Response:
         path = f"/api/predict/{service}" + (f"/{subpath}" if subpath else "")
         headers = {**AUTH, "Content-Type": "application/json", **(headers or {})}
         return requests.post(self.url + path, data=body, params=params, headers=headers, timeout=10)
@@ -144,16 +180,21 @@ class Api:
         return response.text
 
     def sink(self, request_id: str, service: str = "svc", headers: dict | None = None) -> requests.Response:
-        return requests.get(f"{self.url}/api/predict/{service}/sink", params={"request_id": request_id},
-                            headers=headers if headers is not None else AUTH, timeout=10)
+        return requests.get(
+            f"{self.url}/api/predict/{service}/sink",
+            params={"request_id": request_id},
+            headers=headers if headers is not None else AUTH,
+            timeout=10,
+        )
 
     def state(self, request_id: str, service: str = "svc") -> dict:
         response = self.sink(request_id, service)
         assert response.status_code in (200, 202), response.text
         return response.json()
 
-    def wait_status(self, request_id: str, status: str | tuple[str, ...], timeout: float = 30,
-                    service: str = "svc") -> dict:
+    def wait_status(
+        self, request_id: str, status: str | tuple[str, ...], timeout: float = 30, service: str = "svc"
+    ) -> dict:
         wanted = (status,) if isinstance(status, str) else status
         found: dict = {}
 
@@ -181,8 +222,9 @@ class Workers:
         self.env, self.redis_url = env, redis_url
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, count: int = 1, plain: bool = False, env: dict[str, str] | None = None,
-              args: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+    def start(
+        self, count: int = 1, plain: bool = False, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> list[subprocess.Popen]:
         """`plain`: stock `rq worker high default` (a fork per job) instead of `-w worker.QueueWorker`."""
         command = [str(BIN / "rq"), "worker", "high", "default", "--url", self.redis_url, *args]
         if not plain:

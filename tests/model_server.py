@@ -42,7 +42,7 @@ class ModelServer:
     _server: ThreadingHTTPServer | None = None
     _connections: set[socket.socket] = field(default_factory=set)
 
-    def start(self) -> "ModelServer":
+    def start(self) -> ModelServer:
         model = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,7 +69,15 @@ class ModelServer:
                 request_id = self.headers.get(REQUEST_ID_HEADER, "")
                 with model.lock:
                     model.received.append(
-                        Received(time.time(), request_id, url.path, query, dict(self.headers.items()), body, self.client_address)
+                        Received(
+                            time.time(),
+                            request_id,
+                            url.path,
+                            query,
+                            dict(self.headers.items()),
+                            body,
+                            self.client_address,
+                        )
                     )
                     attempt = sum(1 for r in model.received if r.request_id == request_id)
                 if "delay" in query:
@@ -82,7 +90,11 @@ class ModelServer:
                     answer = body
                 else:
                     content_type = query.get("content_type", ["application/json"])[0]
-                    answer = query["answer"][0].encode() if "answer" in query else json.dumps({"request_id": request_id, "attempt": attempt, "path": url.path}).encode()
+                    answer = (
+                        query["answer"][0].encode()
+                        if "answer" in query
+                        else json.dumps({"request_id": request_id, "attempt": attempt, "path": url.path}).encode()
+                    )
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(answer)))

@@ -46,10 +46,7 @@ def test_prefixed_variable_wins_over_bare_one():
 def test_a_settings_file_is_laid_over_the_defaults(tmp_path):
     path = tmp_path / "site.toml"
     path.write_text(
-        'tokens = ["site"]\n'
-        "[services.big]\n"
-        'target_api_base_url = "https://gpu:8443"\n'
-        'tokens = ["big-token"]\n'
+        'tokens = ["site"]\n[services.big]\ntarget_api_base_url = "https://gpu:8443"\ntokens = ["big-token"]\n'
     )
     settings = load_settings({"EAS_QUEUE_SETTINGS": str(path)})
     assert settings.tokens == ("site",)

@@ -103,8 +103,9 @@ def test_unknown_reserved_parameters_are_refused(api, db):
 
 def test_the_body_is_stored_as_bytes_whatever_its_type(api, db):
     body = bytes(range(256)) * 4
-    request_id = api.submit_ok(body=body, headers={"Content-Type": "image/x-raw"}, subpath="v1/run",
-                               params={"tag": "a", "other": "b"})
+    request_id = api.submit_ok(
+        body=body, headers={"Content-Type": "image/x-raw"}, subpath="v1/run", params={"tag": "a", "other": "b"}
+    )
     service, subpath, query, content_type, stored = Job.fetch(request_id, connection=db).args
     assert (service, subpath, content_type, stored) == ("svc", "v1/run", "image/x-raw", body)
     assert list(query) == [("tag", "a"), ("other", "b")]
@@ -141,8 +142,21 @@ def test_a_full_queue_answers_429_with_retry_after(make_api, db):
 
 
 def test_subpaths_that_could_escape_are_refused(api, db):
-    for subpath in ("a/../b", "..", "../../admin", "a/./b", "a//b", "//evil.example/x", "a%2F..%2Fb", "a%5Cb",
-                    "a\\b", "user@evil.example", "a%00b", "%2e%2e/x", "x" * 1025):
+    for subpath in (
+        "a/../b",
+        "..",
+        "../../admin",
+        "a/./b",
+        "a//b",
+        "//evil.example/x",
+        "a%2F..%2Fb",
+        "a%5Cb",
+        "a\\b",
+        "user@evil.example",
+        "a%00b",
+        "%2e%2e/x",
+        "x" * 1025,
+    ):
         status, body = raw_post(api, "/api/predict/svc/" + subpath)
         assert status in (400, 404), subpath  # 404: no route takes a path segment that is empty
         assert b'"error"' in body

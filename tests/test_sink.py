@@ -1,0 +1,78 @@
+"""GET /api/predict/<service>/sink?request_id=<id>: status codes and the body of every state."""
+
+import uuid
+
+import requests
+
+from tests.conftest import AUTH
+
+
+def test_request_id_is_required_and_well_formed(api, db):
+    for params in (
+        {},
+        {"request_id": ""},
+        {"request_id": "not-an-id"},
+        {"request_id": str(uuid.uuid4()).upper()},
+        {"request_id": "../../etc"},
+        {"request_id": str(uuid.uuid4()), "extra": "1"},
+    ):
+        response = requests.get(api.url + "/api/predict/svc/sink", params=params, headers=AUTH, timeout=5)
+        assert response.status_code == 400, params
+        assert "error" in response.json()
+    repeated = requests.get(api.url + "/api/predict/svc/sink?request_id=a&request_id=b", headers=AUTH, timeout=5)
+    assert repeated.status_code == 400
+
+
+def test_sink_needs_a_token(api, db):
+    request_id = api.submit_ok()
+    assert api.sink(request_id, headers={}).status_code == 401
+    assert api.sink(request_id, headers={"Authorization": "wrong"}).status_code == 403
+
+
+def test_unknown_expired_or_foreign_ids_are_404(api, db):
+    assert api.sink(str(uuid.uuid4())).status_code == 404
+    mine = api.submit_ok("svc-a")
+    foreign = api.sink(mine, service="svc-b")
+    assert foreign.status_code == 404
+    assert "error" in foreign.json()
+    db.delete(f"rq:job:{mine}")  # what result_ttl / failure_ttl expiry does
+    assert api.sink(mine, service="svc-a").status_code == 404
+
+
+def test_pending_is_202_with_the_original_fields(api, db):
+    request_id = api.submit_ok()
+    response = api.sink(request_id)
+    assert response.status_code == 202
+    body = response.json()
+    assert body["request_id"] == request_id
+    assert body["status"] == "PENDING"
+    assert body["service_name"] == "svc"
+    assert body["message"] == "Request is queued."
+    assert body["attempts"] == 0
+    assert body["enqueued_at"].endswith("Z")
+    assert body["started_at"] is None and body["ended_at"] is None
+
+
+def test_started_is_202_then_success_is_200(api, workers, db):
+    request_id = api.submit_ok(params={"delay": "1.5"})
+    workers.start()
+    state = api.wait_status(request_id, "STARTED")
+    assert api.sink(request_id).status_code == 202
+    assert state["attempts"] == 1 and state["started_at"]
+    done = api.wait_status(request_id, "SUCCESS")
+    response = api.sink(request_id)
+    assert response.status_code == 200
+    assert done["message"] == "Task completed successfully."
+    assert done["result"]["status"] == "success"
+    assert done["result"]["target_status_code"] == 200
+    assert done["enqueued_at"] <= done["started_at"] <= done["ended_at"]
+
+
+def test_failure_is_200_with_error_info(api, workers, db):
+    request_id = api.submit_ok(params={"status": "422", "answer": "nope"})
+    workers.start()
+    state = api.wait_status(request_id, "FAILURE")
+    assert api.sink(request_id).status_code == 200
+    assert state["message"] == "Task failed."
+    assert state["error_info"] == "the model answered HTTP 422: nope"
+    assert "result" not in state
