@@ -49,9 +49,9 @@ MESSAGES = {
 class ApiError(Exception):
     """An answer other than success: an HTTP status, a message for the client, optional headers."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra
+        self.code, self.message, self.headers, self.extra = code, message, headers or {}, extra
 
 
 def _matches(candidate: str, accepted: tuple[str, ...]) -> bool:
@@ -260,7 +260,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> tuple[Response, int, dict[str, str]]:
-        return jsonify(error=error.message, **error.extra), error.status, error.headers
+        return jsonify(error=error.message, **error.extra), error.code, error.headers
 
     @app.errorhandler(redis.RedisError)
     def redis_error(error: redis.RedisError) -> tuple[Response, int, dict[str, str]]:

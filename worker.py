@@ -37,6 +37,8 @@ from queueing import (
     QUEUE_NAMES,
     queue_key,
 )
+
+ORPHAN_SUSPECTS_KEY = "eas:orphan-suspects"
 from settings import get_settings
 
 # `rq worker -c worker` reads these: the queues in priority order, and Redis as the settings say.
@@ -192,8 +194,8 @@ class QueueWorker(BaseWorker):
     heartbeat_interval = 3.0
     promote_interval = 0.5
     recover_interval = 5.0
-    orphan_interval = 30.0
-    orphan_age = 30.0  # seconds an accepted request must be old before it can count as lost
+    orphan_interval = 5.0
+    orphan_age = 10.0  # seconds an accepted request must be old before it can count as lost
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
     commit_batch = 256
 
@@ -209,7 +211,6 @@ class QueueWorker(BaseWorker):
         self._outcomes: stdlib_queue.SimpleQueue = stdlib_queue.SimpleQueue()
         self._queues_by_index = {i + 1: q for i, q in enumerate(self.queues)}
         self._due: dict[str, float] = {}
-        self._orphan_suspects: set[str] = set()
         self._threads: list[threading.Thread] = []
 
     # -- the work loop ----------------------------------------------------------------------------
@@ -503,7 +504,6 @@ class QueueWorker(BaseWorker):
         cutoff = time.time() - self.orphan_age
         ids = [i.decode() for i in self.connection.zrangebyscore(OPEN_REQUESTS_KEY, "-inf", cutoff, 0, 10000)]
         if not ids:
-            self._orphan_suspects = set()
             return
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id in ids:
@@ -527,10 +527,17 @@ class QueueWorker(BaseWorker):
                 for ids_in_list in pipe.execute():
                     waiting.update(i.decode() for i in ids_in_list)
         suspects = {job_id for job_id in queued if job_id not in waiting}
-        for job_id in suspects & self._orphan_suspects:
+        # The previous sweep's suspects live in Redis, since the next sweep may run in another worker.
+        with self.connection.pipeline() as pipe:
+            pipe.smembers(ORPHAN_SUSPECTS_KEY)
+            pipe.delete(ORPHAN_SUSPECTS_KEY)
+            if suspects:
+                pipe.sadd(ORPHAN_SUSPECTS_KEY, *suspects)
+                pipe.expire(ORPHAN_SUSPECTS_KEY, int(self.orphan_interval * 3))
+            previous = {i.decode() for i in pipe.execute()[0]}
+        for job_id in suspects & previous:
             if self._requeue_orphan(keys=[Job.key_for(job_id), queue_key(queued[job_id])], args=[job_id]):
                 self.log.warning("Worker %s: request %s was in no queue; queued it again", self.name, job_id)
-        self._orphan_suspects = suspects
 
     # -- start and end ----------------------------------------------------------------------------
 
