@@ -30,14 +30,22 @@ def test_the_same_idempotency_key_answers_the_same_request_id(api, workers, mode
 def test_the_same_idempotency_key_with_another_body_is_422(api, db):
     key = {"Idempotency-Key": "abc"}
     first = api.submit_ok(body=b"one", headers=key)
-    for changed in ({"body": b"two"}, {"body": b"one", "params": {"_priority_": "1"}}, {"body": b"one", "subpath": "x"}):
+    for changed in (
+        {"body": b"two"},
+        {"body": b"one", "params": {"_priority_": "1"}},
+        {"body": b"one", "subpath": "x"},
+    ):
         response = api.submit(headers=key, **changed)
         assert response.status_code == 422, changed
         assert response.json()["request_id"] == first
     assert jobs(db) == 1
     for bad in ("", "x" * 256, "caf\u00e9"):
-        response = requests.post(api.url + "/api/predict/svc", data=b"1", timeout=5,
-                                 headers={"Authorization": TOKEN, "Idempotency-Key": bad.encode("utf-8")})
+        response = requests.post(
+            api.url + "/api/predict/svc",
+            data=b"1",
+            timeout=5,
+            headers={"Authorization": TOKEN, "Idempotency-Key": bad.encode("utf-8")},
+        )
         assert response.status_code == 400, bad
     assert jobs(db) == 1
 
@@ -91,8 +99,12 @@ def test_queue_ttl_setting_and_ttl_parameter_can_only_shorten_it(make_api, worke
 def test_cancel_a_queued_request(api, workers, model, db):
     request_id = api.submit_ok()
     keep = api.submit_ok()
-    canceled = requests.delete(f"{api.url}/api/predict/svc/sink", params={"request_id": request_id},
-                               headers={"Authorization": TOKEN}, timeout=5)
+    canceled = requests.delete(
+        f"{api.url}/api/predict/svc/sink",
+        params={"request_id": request_id},
+        headers={"Authorization": TOKEN},
+        timeout=5,
+    )
     assert canceled.status_code == 200
     assert canceled.json()["status"] == "CANCELED"
     assert [i.decode() for i in db.lrange("rq:queue:default", 0, -1)] == [keep]
@@ -100,8 +112,12 @@ def test_cancel_a_queued_request(api, workers, model, db):
     api.wait_status(keep, "SUCCESS")
     assert api.state(request_id)["status"] == "CANCELED"
     assert model.requests_for(request_id) == []
-    again = requests.delete(f"{api.url}/api/predict/svc/sink", params={"request_id": request_id},
-                            headers={"Authorization": TOKEN}, timeout=5)
+    again = requests.delete(
+        f"{api.url}/api/predict/svc/sink",
+        params={"request_id": request_id},
+        headers={"Authorization": TOKEN},
+        timeout=5,
+    )
     assert again.status_code == 409
 
 
@@ -110,8 +126,12 @@ def test_cancel_a_request_waiting_for_its_retry(make_api, workers, model, db):
     request_id = api.submit_ok(params={"fail_first": "1"})
     workers.start()
     api.wait_status(request_id, "RETRY")
-    response = requests.delete(f"{api.url}/api/predict/svc/sink", params={"request_id": request_id},
-                               headers={"Authorization": TOKEN}, timeout=5)
+    response = requests.delete(
+        f"{api.url}/api/predict/svc/sink",
+        params={"request_id": request_id},
+        headers={"Authorization": TOKEN},
+        timeout=5,
+    )
     assert response.status_code == 200
     assert response.json()["status"] == "CANCELED"
     assert db.zcard("rq:scheduled:default") == 0
@@ -123,8 +143,12 @@ def test_cancel_a_request_waiting_for_its_retry(make_api, workers, model, db):
 
 def test_cancel_refuses_running_finished_and_unknown_requests(api, workers, db):
     def cancel(request_id, service="svc"):
-        return requests.delete(f"{api.url}/api/predict/{service}/sink", params={"request_id": request_id},
-                               headers={"Authorization": TOKEN}, timeout=5)
+        return requests.delete(
+            f"{api.url}/api/predict/{service}/sink",
+            params={"request_id": request_id},
+            headers={"Authorization": TOKEN},
+            timeout=5,
+        )
 
     running = api.submit_ok(params={"delay": "2"})
     workers.start()
@@ -145,8 +169,9 @@ def test_failed_requests_are_dead_letters_that_can_be_requeued_from_the_dashboar
     failed = api.wait_status(request_id, "FAILURE")
     assert "HTTP 400" in failed["error_info"]
     assert 0 < db.ttl(f"rq:job:{request_id}") <= 604800  # kept for failure_ttl
-    failed_list = requests.get(f"{api.url}/rq/0/data/jobs/default/failed/8/asc/1.json", auth=("ops", TOKEN),
-                               timeout=5).json()
+    failed_list = requests.get(
+        f"{api.url}/rq/0/data/jobs/default/failed/8/asc/1.json", auth=("ops", TOKEN), timeout=5
+    ).json()
     assert [job["id"] for job in failed_list["jobs"]] == [request_id]
     requeued = requests.post(f"{api.url}/rq/job/{request_id}/requeue", auth=("ops", TOKEN), timeout=5)
     assert requeued.status_code == 200 and requeued.json() == {"status": "OK"}

@@ -1,0 +1,162 @@
+"""Faults caused for real: workers SIGKILLed mid-job, a request popped by a process that died before
+recording it, redis-server SIGKILLed and restarted, the model stopped. Every accepted request still
+ends in a terminal state the sink reports."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import Api, RedisServer, Workers, service_env, wait_for
+
+TERMINAL = ("SUCCESS", "FAILURE", "CANCELED", "EXPIRED")
+
+
+def sigkill(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_a_request_of_a_killed_worker_is_retried_within_a_minute(api, workers, model, db):
+    request_id = api.submit_ok(params={"delay": "3"})
+    [first] = workers.start()
+    api.wait_status(request_id, "STARTED")
+    sigkill(first)
+    workers.start()
+    state = api.wait_status(request_id, "SUCCESS", timeout=60)
+    assert state["attempts"] == 2  # the killed attempt counts
+    assert len(model.requests_for(request_id)) == 2
+
+
+def test_2000_requests_survive_10_sigkills(api, workers, model, db):
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda n: api.submit_ok(params={"delay": "0.05"}, body=str(n).encode()), range(2000)))
+    live = workers.start(count=3)
+    kills = 0
+    for threshold in range(150, 1650, 150):  # 10 kills spread over the run, as the model sees progress
+        wait_for(lambda t=threshold: len(model.received) >= t, 60, f"{threshold} requests at the model")
+        victim = random.choice(live)
+        sigkill(victim)
+        live.remove(victim)
+        live += workers.start()
+        kills += 1
+    assert kills == 10
+    for request_id in ids:
+        api.wait_status(request_id, TERMINAL, timeout=90)
+    statuses = Counter(api.state(request_id)["status"] for request_id in ids)
+    assert statuses == {"SUCCESS": 2000}
+    forwarded = Counter(model.ids())
+    duplicates = sum(1 for request_id in ids if forwarded[request_id] > 1)
+    print(f"\n2000 requests, {kills} SIGKILLs: {duplicates} forwarded more than once", file=sys.stderr)
+    assert all(forwarded[request_id] >= 1 for request_id in ids)
+    assert duplicates <= kills * 8  # at most the requests in flight in each killed worker (concurrency 8)
+
+
+def test_a_request_popped_by_a_process_that_died_is_run_again(api, workers, model, db, redis_server):
+    """rq issue 1716: a multi-queue worker pops with BLPOP and records the job as started only after,
+    so a worker killed in between leaves a request that says `queued` but is in no queue."""
+    request_id = api.submit_ok()
+    popper = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, redis, sys\n"
+            f"r = redis.Redis(port={redis_server.port})\n"
+            "print(r.blpop(['rq:queue:high', 'rq:queue:default'], 10), flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert request_id in popper.stdout.read().decode()
+    assert popper.wait() == -signal.SIGKILL
+    assert db.llen("rq:queue:default") == 0
+    assert api.state(request_id)["status"] == "PENDING"
+    workers.start()
+    state = api.wait_status(request_id, "SUCCESS", timeout=60)
+    assert state["attempts"] == 1
+    assert len(model.requests_for(request_id)) == 1
+
+
+def test_redis_killed_and_restarted_with_appendfsync_always_loses_nothing(tmp_path, model):
+    with model.lock:
+        model.received.clear()
+    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
+    env = service_env(server.url, model.url)
+    api = Api(env)
+    pool = Workers(env, server.url)
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def submit(n: int) -> None:
+        while True:  # a client retries what was not accepted (503 while Redis is down)
+            try:
+                response = api.submit(params={"delay": "0.02"}, body=str(n).encode())
+            except OSError:
+                continue
+            if response.status_code == 200:
+                with lock:
+                    accepted.append(response.text)
+                return
+
+    try:
+        workers = pool.start(count=2)
+        with ThreadPoolExecutor(16) as submitters:
+            futures = [submitters.submit(submit, n) for n in range(500)]
+            wait_for(lambda: len(accepted) >= 200, 60, "200 accepted requests")
+            server.kill()
+            server = RedisServer(server.directory, appendfsync="always", port=server.port).start()
+            for future in futures:
+                future.result()
+        assert len(accepted) == 500
+        for request_id in accepted:
+            api.wait_status(request_id, TERMINAL, timeout=90)
+        statuses = Counter(api.state(request_id)["status"] for request_id in accepted)
+        assert statuses == {"SUCCESS": 500}
+        assert api.process.poll() is None  # the API and the workers rode through, not restarted
+        assert all(worker.poll() is None for worker in workers)
+    finally:
+        pool.stop_all()
+        api.stop()
+        server.kill()
+
+
+def test_a_model_outage_ends_every_request_in_success_or_a_failure_saying_why(make_api, workers, model, db):
+    api = make_api(retry_intervals="1,2")
+    ids = [api.submit_ok(params={"delay": "0.02"}, body=str(n).encode()) for n in range(200)]
+    workers.start(count=2)
+    wait_for(lambda: len(model.received) >= 60, 30, "60 requests at the model")
+    model.stop()
+    try:
+        time.sleep(4)  # the outage: longer than one retry interval, longer than all of them (1 + 2 s)
+    finally:
+        model.start()
+    states = [api.wait_status(request_id, TERMINAL, timeout=60) for request_id in ids]
+    received = set(model.ids())
+    for state in states:
+        if state["status"] == "FAILURE":
+            assert state["attempts"] == 3, state  # it failed only after using every retry
+            assert state["error_info"].startswith("could not reach the model"), state
+        else:
+            assert state["status"] == "SUCCESS", state
+            assert state["request_id"] in received
+    counts = Counter(state["status"] for state in states)
+    print(f"\nmodel outage of 4 s: {dict(counts)}", file=sys.stderr)
+    assert counts["SUCCESS"] >= 60
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stopped_worker_finishes_what_it_started(api, workers, model, db, signal_name):
+    ids = [api.submit_ok(params={"delay": "1"}) for _ in range(4)]
+    [worker] = workers.start()
+    wait_for(lambda: len(model.received) == 4, 15, "4 requests in flight")
+    os.killpg(worker.pid, getattr(signal, signal_name))
+    assert worker.wait(30) == 0
+    for request_id in ids:
+        assert api.state(request_id)["status"] == "SUCCESS"
