@@ -37,9 +37,9 @@ from queueing import (
     QUEUE_NAMES,
     queue_key,
 )
+from settings import get_settings
 
 ORPHAN_SUSPECTS_KEY = "eas:orphan-suspects"
-from settings import get_settings
 
 # `rq worker -c worker` reads these: the queues in priority order, and Redis as the settings say.
 QUEUES = list(QUEUE_NAMES)
