@@ -53,39 +53,38 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A private redis-server; `appendfsync` turns on the append-only file."""
 
-    def __init__(self, directory: Path, appendfsync: str | None = None, port: int | None = None) -> None:
-        self.directory, self.appendfsync = directory, appendfsync
+    def __init__(
+        self, directory: Path, appendfsync: str | None = None, port: int | None = None, password: str | None = None
+    ) -> None:
+        self.directory, self.appendfsync, self.password = directory, appendfsync, password
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
+        self.tls: tuple[Path, Path, Path] | None = None  # CA, certificate, key: serve TLS only
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        secret = f":{self.password}@" if self.password else ""
+        query = f"?ssl_ca_certs={self.tls[0]}" if self.tls else ""
+        return f"{scheme}://{secret}127.0.0.1:{self.port}/0{query}"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=10)
+        return redis.Redis.from_url(self.url, socket_timeout=10)
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        persistence = ["--appendonly", "no"]
+        options = ["--port", str(self.port), "--appendonly", "no"]
         if self.appendfsync:
-            persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
-        self.process = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(self.directory),
-                "--logfile",
-                str(self.directory / "redis.log"),
-                *persistence,
-            ],
-        )
+            options[2:] = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        if self.password:
+            options += ["--requirepass", self.password]
+        if self.tls:
+            ca, certificate, key = self.tls
+            options[:2] = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            options += ["--tls-ca-cert-file", str(ca), "--tls-cert-file", str(certificate), "--tls-key-file", str(key)]
+        log = self.directory / "redis.log"
+        command = [redis_server_binary(), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
+        self.process = subprocess.Popen([*command, "--logfile", str(log), *options])
         client = self.client()
         wait_for(lambda: _pings(client), 10, "redis-server to start")
         return self
@@ -129,28 +128,14 @@ def service_env(redis_url: str, model_url: str, **settings: object) -> dict[str,
 class Api:
     """The API under gunicorn, as a user runs it."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], output: Path | None = None, args: tuple[str, ...] = ()) -> None:
         self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                str(BIN / "gunicorn"),
-                "--workers",
-                "2",
-                "--threads",
-                "4",
-                "--preload",
-                "--no-control-socket",
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--log-level",
-                "warning",
-                "eas_queue:app",
-            ],
-            cwd=ROOT,
-            env=env,
-        )
+        command = [BIN / "gunicorn", "--workers", "2", "--threads", "4", "--preload", "--no-control-socket"]
+        command += ["--bind", f"127.0.0.1:{self.port}", "--log-level", "warning", *args, "eas_queue:app"]
+        log = output.open("ab") if output else None
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
         wait_for(self._listening, 20, "the API to listen")
 
     def _listening(self) -> bool:
@@ -223,14 +208,22 @@ class Workers:
         self.processes: list[subprocess.Popen] = []
 
     def start(
-        self, count: int = 1, plain: bool = False, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        self,
+        count: int = 1,
+        plain: bool = False,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        output: Path | None = None,
     ) -> list[subprocess.Popen]:
         """`plain`: stock `rq worker high default` (a fork per job) instead of `-w worker.QueueWorker`."""
         command = [str(BIN / "rq"), "worker", "high", "default", "--url", self.redis_url, *args]
         if not plain:
             command[2:2] = ["-w", "worker.QueueWorker"]
+        log = output.open("ab") if output else None
         started = [
-            subprocess.Popen(command, cwd=ROOT, env={**self.env, **(env or {})}, start_new_session=True)
+            subprocess.Popen(
+                command, cwd=ROOT, env={**self.env, **(env or {})}, start_new_session=True, stdout=log, stderr=log
+            )
             for _ in range(count)
         ]
         self.processes += started
