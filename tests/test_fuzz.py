@@ -4,7 +4,7 @@ a JSON error, and a rejected request changes nothing in Redis."""
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from eas_queue import create_app
@@ -48,7 +48,9 @@ VALUES = st.sampled_from(["0", "1", "2", "-1", "nan", "", "1e9", "00000000-0000-
     max_size=12
 )
 LATIN1 = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=40)
-AUTHORIZATION = st.sampled_from([None, TOKEN, f"Bearer {TOKEN}", "Bearer", "Basic dGVzdDp0ZXN0LXRva2Vu", ""]) | LATIN1
+# Mostly a good token, so the fuzzing gets past authentication to the validation behind it.
+GOOD = [TOKEN, TOKEN, TOKEN, f"Bearer {TOKEN}", "Basic b3BzOnRlc3QtdG9rZW4="]  # the last: ops:test-token
+AUTHORIZATION = st.sampled_from([*GOOD, None, "Bearer", ""]) | LATIN1
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +72,21 @@ def snapshot(db):
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]),
-    prefix=st.sampled_from(PREFIXES),
+    method=st.sampled_from(["GET", "POST", "POST", "DELETE", "PUT", "HEAD", "OPTIONS"]),
+    prefix=st.sampled_from(PREFIXES[:4] * 3 + PREFIXES),
     segments=st.lists(SEGMENTS, max_size=4),
     query=st.lists(st.tuples(PARAMETERS, VALUES), max_size=4),
     authorization=AUTHORIZATION,
     content_type=st.none() | LATIN1,
     idempotency_key=st.none() | LATIN1,
-    body=st.binary(max_size=5000),
+    body=st.binary(max_size=300) | st.binary(min_size=4090, max_size=4200),  # around max_body_bytes
 )
 def test_no_input_gets_a_5xx_and_rejected_input_changes_nothing(
     client, db, method, prefix, segments, query, authorization, content_type, idempotency_key, body
 ):
     path = prefix + "/".join(quote(s, safe="/%@\\") if s.isascii() else quote(s) for s in segments)
+    if path.startswith("//"):  # the test client would read `//x` as a host; `//` inside paths is kept
+        path = "/api/predict/svc" + path
     headers = {}
     for name, value in (
         ("Authorization", authorization),
@@ -93,6 +97,7 @@ def test_no_input_gets_a_5xx_and_rejected_input_changes_nothing(
             headers[name] = value
     before = snapshot(db)
     response = client.open(path or "/", method=method, query_string=query, headers=headers, data=body)
+    event(f"HTTP {response.status_code}")  # --hypothesis-show-statistics shows what was reached
     assert response.status_code < 500, (response.status_code, response.get_data()[:300])
     text = response.get_data()
     assert b"Traceback" not in text
