@@ -207,6 +207,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Builds the app; the module-level `app` uses the process's settings."""
     settings = settings or get_settings()
     app = Flask(__name__)
+    app.json.sort_keys = False  # keep the sink's fields in the order they are documented
     app.url_map.merge_slashes = False  # `a//b` is a bad subpath (400), not a redirect to `a/b`
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = queueing.connect(settings.redis_url, settings.redis_timeout)

@@ -124,7 +124,8 @@ class Enqueuer:
         self.settings = settings
         self.script = connection.register_script(_ENQUEUE)
         retries = settings.retry_intervals
-        self.retry = Retry(max=len(retries), interval=list(retries)) if retries else None
+        # A retried request goes back to the front of its queue: it has already waited its turn.
+        self.retry = Retry(max=len(retries), interval=list(retries), enqueue_at_front=True) if retries else None
         self.job_timeout = int(settings.forward_timeout) + JOB_TIMEOUT_MARGIN
 
     def build_job(self, submission: Submission) -> Job:

@@ -227,7 +227,7 @@ class QueueWorker(BaseWorker):
         **_: Any,
     ) -> bool:
         """Claims and forwards requests until stopped (or, with --burst, until the queues are empty)."""
-        self.bootstrap(logging_level or "INFO", date_format, log_format)
+        self._bootstrap(logging_level or "INFO", date_format, log_format)
         self._install_signal_handlers()
         self._start_threads()
         started = 0
@@ -266,6 +266,19 @@ class QueueWorker(BaseWorker):
             self._drain_and_stop()
             self._teardown_quietly()
         return started > 0
+
+    def _bootstrap(self, logging_level: str, date_format: str, log_format: str) -> None:
+        """RQ's bootstrap (register, subscribe), after waiting for Redis if it is away at this moment."""
+        backoff = 0.5
+        while True:
+            try:
+                self.connection.ping()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                self.log.warning("Worker %s: waiting for Redis (%s)", self.name, error)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        self.bootstrap(logging_level, date_format, log_format)
 
     def _free_slots(self) -> int:
         with self._slots:

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -60,9 +61,11 @@ P50_TARGET_MS = 5.0
 DRAIN_TARGET = 400.0  # jobs/s against the 100 ms model, the issue's target
 REDIS_PER_REQUEST_TARGET = 3 * 1024
 WORKER_RSS_TARGET = 1024**3
+NOISY = 0.10  # share of the CPUs other processes may use before the bench warns
 STALL_SECONDS = 30.0  # a drain that finishes nothing for this long is broken
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light"}
 STARTED = time.monotonic()
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
@@ -212,8 +215,8 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (stock rq forks a work horse per job)."""
+def process_tree() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process on the machine right now."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -224,18 +227,23 @@ def descendants(pid: int) -> list[int]:
             continue
         ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int, tree: dict[int, list[int]]) -> list[int]:
+    """`pid` and every process below it (stock rq forks a work horse per job)."""
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
         found.append(current)
-        todo.extend(children.get(current, []))
+        todo.extend(tree.get(current, []))
     return found
 
 
-def rss_bytes(pid: int) -> int:
-    """VmRSS of `pid` and its descendants; 0 for a process that is gone."""
-    total = 0
-    for each in descendants(pid):
+def rss_bytes(pids: list[int]) -> int:
+    """Total VmRSS of `pids` and their descendants; a process that is gone counts 0."""
+    tree, total = process_tree(), 0
+    for each in (d for pid in pids for d in descendants(pid, tree)):
         try:
             for line in Path(f"/proc/{each}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -243,6 +251,41 @@ def rss_bytes(pid: int) -> int:
         except OSError:
             pass
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and of its children it has reaped (utime+stime+cutime+cstime); 0 when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+
+
+class CpuWatch:
+    """How much of the machine's CPU went to processes other than the bench's own, over a span of time:
+    the machine is shared, and a busy neighbour makes any figure here low."""
+
+    def __init__(self) -> None:
+        self.machine, self.ours, self.at = self._machine(), self._ours(), time.monotonic()
+
+    @staticmethod
+    def _machine() -> float:
+        fields = [int(f) for f in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+    @staticmethod
+    def _ours() -> float:
+        return sum(cpu_seconds(pid) for pid in descendants(os.getpid(), process_tree()))
+
+    def others(self) -> float:
+        """Share of all CPUs used by other processes since this watch started (0..1)."""
+        busy = self._machine() - self.machine
+        ours = self._ours() - self.ours
+        elapsed = (time.monotonic() - self.at) * len(os.sched_getaffinity(0))
+        return max(0.0, busy - ours) / elapsed if elapsed > 0 else 0.0
 
 
 # --- tools and machine ------------------------------------------------------------------------------
@@ -343,6 +386,7 @@ class Stack:
     body: bytes
     redis_port: int = 0
     nginx_port: int = 0
+    nginx: subprocess.Popen | None = None
     api_url: str = ""
 
     @property
@@ -421,7 +465,7 @@ def start_nginx(stack: Stack) -> None:
     config = prefix / "nginx.conf"
     config.write_text(template.substitute(prefix=prefix, port=stack.nginx_port))
     command = [stack.tools["nginx"], "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
-    process = stack.procs.start("nginx", command)
+    process = stack.nginx = stack.procs.start("nginx", command)
     wait_until(lambda: port_open(stack.nginx_port), 15, "nginx to listen", process)
     answer = requests.post(stack.nginx_url + f"/api/predict/{SERVICE}", data=stack.body, timeout=5)
     if answer.status_code != 200 or answer.json() != {"ok": True}:
@@ -619,27 +663,47 @@ class Drain:
     rate: float  # jobs/s from the first claim to the last finish (Redis timestamps)
     wall_rate: float  # jobs/s from starting the worker processes to their exit
     peak_rss: int  # largest sum of the workers' VmRSS seen while they ran
+    worker_cpu: float  # CPU seconds of the worker processes (and their children), per job
+    redis_cpu: float  # CPU seconds of redis-server, per job
+    model_cpu: float  # CPU seconds of the model, per job
+    redis_calls: float  # commands Redis processed, per job
 
     def describe(self) -> str:
         return (
             f"{self.jobs} jobs: {self.rate:,.0f} jobs/s first claim->last finish, "
-            f"{self.wall_rate:,.0f} jobs/s incl. worker start-up, peak RSS {human_bytes(self.peak_rss)}"
+            f"{self.wall_rate:,.0f} jobs/s incl. worker start-up, peak RSS {human_bytes(self.peak_rss)}; "
+            f"CPU per job: workers {self.worker_cpu * 1e6:,.0f} us, redis {self.redis_cpu * 1e6:,.0f} us, "
+            f"model {self.model_cpu * 1e6:,.0f} us; {self.redis_calls:.1f} Redis commands per job"
         )
 
 
-def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool) -> Drain:
+def redis_counters(client: redis.Redis) -> tuple[float, int]:
+    """(CPU seconds redis-server used so far, commands it processed so far)."""
+    cpu, stats = client.info("cpu"), client.info("stats")
+    return cpu["used_cpu_user"] + cpu["used_cpu_sys"], int(stats["total_commands_processed"])
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool, model: subprocess.Popen | None) -> Drain:
     """Pre-fills `jobs` requests, runs 2 burst workers until they exit, and checks every job finished."""
     client = stack.client()
     client.flushall()
     ids = prefill(stack, env, jobs)
     finished_key = FinishedJobRegistry("default", connection=client).key
     failed_key = FailedJobRegistry("default", connection=client).key
+    model_pid = model.pid if model else -1
+    redis_before, model_before = redis_counters(client), cpu_seconds(model_pid)
+    children_before = children_cpu()  # the workers' CPU shows here once they are reaped
     started = time.perf_counter()
     workers = start_workers(stack, env, plain=plain, burst=True)
     peak_rss, last_done, last_change = 0, -1, time.monotonic()
     try:
         while any(w.poll() is None for w in workers):
-            peak_rss = max(peak_rss, sum(rss_bytes(w.pid) for w in workers))
+            peak_rss = max(peak_rss, rss_bytes([w.pid for w in workers]))
             done = client.zcard(finished_key) + client.zcard(failed_key)
             if done != last_done:
                 last_done, last_change = done, time.monotonic()
@@ -650,6 +714,9 @@ def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool) -> Drain:
     finally:
         for w in workers:
             stack.procs.stop(w)
+    worker_cpu = children_cpu() - children_before
+    model_cpu = cpu_seconds(model_pid) - model_before
+    redis_after = redis_counters(client)
     bad_exits = [w.returncode for w in workers if w.returncode != 0]
     if bad_exits:
         raise BenchError(f"a burst worker exited with {bad_exits}: {stack.procs.log_tail(workers[0], 3)!r}")
@@ -667,7 +734,16 @@ def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool) -> Drain:
                 ends.append(utcparse(ended_at.decode()).timestamp())
     if len(starts) != jobs:
         raise BenchError(f"{jobs - len(starts)} finished jobs have no started_at/ended_at")
-    return Drain(jobs, jobs / (max(ends) - min(starts)), jobs / wall, peak_rss)
+    return Drain(
+        jobs=jobs,
+        rate=jobs / (max(ends) - min(starts)),
+        wall_rate=jobs / wall,
+        peak_rss=peak_rss,
+        worker_cpu=worker_cpu / jobs,
+        redis_cpu=(redis_after[0] - redis_before[0]) / jobs,
+        model_cpu=model_cpu / jobs,
+        redis_calls=(redis_after[1] - redis_before[1]) / jobs,
+    )
 
 
 def raw_loop(stack: Stack, seconds: float) -> float:
@@ -709,7 +785,7 @@ def measure_fast_drains(stack: Stack, cfg: Config) -> list[Row]:
         progress(f"run {repeat + 1} raw loop: {raw_rates[-1]:,.0f} req/s")
         if fast.error is None:
             try:
-                result = drain(stack, env, cfg.fast_jobs, plain=False)
+                result = drain(stack, env, cfg.fast_jobs, plain=False, model=stack.nginx)
                 fast_rates.append(result.rate)
                 fast.runs.append(f"run {repeat + 1}: {result.describe()}")
                 progress(f"QueueWorker drain {fast.runs[-1]}")
@@ -718,7 +794,7 @@ def measure_fast_drains(stack: Stack, cfg: Config) -> list[Row]:
                 progress(f"QueueWorker drain failed: {error}")
         if stock.error is None:
             try:
-                result = drain(stack, env, cfg.stock_jobs, plain=True)
+                result = drain(stack, env, cfg.stock_jobs, plain=True, model=stack.nginx)
                 stock_rates.append(result.rate)
                 stock.runs.append(f"run {repeat + 1}: {result.describe()}")
                 progress(f"stock rq drain {stock.runs[-1]}")
@@ -736,22 +812,17 @@ def measure_fast_drains(stack: Stack, cfg: Config) -> list[Row]:
     return [fast, stock]
 
 
-class SlowModel:
-    """bench/slow_model.py on a free port, for the duration of a `with`."""
-
-    def __init__(self, stack: Stack, delay: float) -> None:
-        self.stack, self.delay, self.port = stack, delay, free_port()
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> str:
-        command = [sys.executable, str(BENCH / "slow_model.py"), str(self.port), repr(self.delay)]
-        self.process = self.stack.procs.start("slow-model", command)
-        wait_until(lambda: port_open(self.port), 15, "the 100 ms model to listen", self.process)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *_: object) -> None:
-        if self.process:
-            self.stack.procs.stop(self.process)
+@contextlib.contextmanager
+def slow_model(stack: Stack, delay: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """bench/slow_model.py on a free port while the `with` lasts: its URL and process."""
+    port = free_port()
+    command = [sys.executable, str(BENCH / "slow_model.py"), str(port), repr(delay)]
+    process = stack.procs.start("slow-model", command)
+    try:
+        wait_until(lambda: port_open(port), 15, "the 100 ms model to listen", process)
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        stack.procs.stop(process)
 
 
 def measure_slow_drain(stack: Stack, cfg: Config) -> list[Row]:
@@ -760,11 +831,11 @@ def measure_slow_drain(stack: Stack, cfg: Config) -> list[Row]:
     rss = Row("5b. Worker RSS, 2x QueueWorker (peak during the 3. drain)")
     rates: list[float] = []
     peaks: list[float] = []
-    with SlowModel(stack, cfg.model_delay) as model_url:
+    with slow_model(stack, cfg.model_delay) as (model_url, model):
         env = stack.env(model_url, concurrency=cfg.concurrency)
         for repeat in range(cfg.repeats):
             try:
-                result = drain(stack, env, cfg.slow_jobs, plain=False)
+                result = drain(stack, env, cfg.slow_jobs, plain=False, model=model)
             except BenchError as error:
                 row.error = rss.error = str(error)
                 progress(f"slow drain failed: {error}")
@@ -926,7 +997,8 @@ def report(rows: list[Row], cfg: Config, info: dict[str, str], seconds: float) -
         "",
         f"- Date: {stamp}; took {seconds:.0f} s; {mode}; {cfg.repeats} repeat(s), medians shown",
         f"- Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, Python {info['python']}, "
-        f"redis-server {info['redis']}",
+        f"redis-server {info['redis']}; other processes used {info['others']} of the CPUs before the start "
+        '(per step: Notes, "others\' CPU")',
         f"- Setup: all on loopback; {WORKERS} worker processes; API and bare app under gunicorn "
         f"({GUNICORN_WORKERS} sync workers, --preload); wrk {WRK_THREADS} threads {WRK_CONNECTIONS} connections "
         f"{cfg.wrk_seconds} s; 1 KB JSON bodies",
@@ -965,6 +1037,10 @@ def terminated_cleanly() -> Iterator[None]:
 def run(cfg: Config) -> int:
     tools = ensure_tools()
     info = machine()
+    watch = CpuWatch()
+    time.sleep(1)
+    info["others"] = f"{watch.others():.0%}"
+    progress(f"other processes use {info['others']} of the CPUs before the bench starts")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="eas-bench-") as tmp_name, terminated_cleanly():
         tmp = Path(tmp_name)
@@ -987,12 +1063,20 @@ def run(cfg: Config) -> int:
             ]
             for title, step in steps:
                 progress(f"--- {title}")
+                watch = CpuWatch()
                 try:
                     produced = step(stack, cfg)
-                    rows.extend(produced if isinstance(produced, list) else [produced])
+                    made = produced if isinstance(produced, list) else [produced]
                 except (BenchError, redis.RedisError, requests.RequestException, subprocess.SubprocessError) as error:
                     progress(f"{title} failed: {error}")
-                    rows.append(Row(title, error=f"{type(error).__name__}: {error}"))
+                    made = [Row(title, error=f"{type(error).__name__}: {error}")]
+                others = watch.others()
+                if others > NOISY:
+                    progress(f"other processes used {others:.0%} of the CPUs during {title}: figures may be low")
+                for row in made:
+                    row.notes += f"{'; ' if row.notes else ''}others' CPU {others:.0%}"
+                    row.runs.append(f"other processes used {others:.1%} of all CPUs during this step")
+                rows.extend(made)
         finally:
             stack.procs.stop_all()
     order = ["1.", "2.", "2b.", "3.", "4.", "4b.", "5.", "5b."]

@@ -86,7 +86,11 @@ class RedisServer:
         command = [redis_server_binary(), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
         self.process = subprocess.Popen([*command, "--logfile", str(log), *options])
         client = self.client()
-        wait_for(lambda: _pings(client), 10, "redis-server to start")
+        try:
+            wait_for(lambda: _pings(client), 10, "redis-server to start")
+        except AssertionError:
+            self.kill()
+            raise
         return self
 
     def kill(self) -> None:

@@ -107,6 +107,7 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_nothing(tmp_pa
 
     try:
         workers = pool.start(count=2)
+        wait_for(lambda: server.client().scard("rq:workers") == 2, 30, "both workers to be running")
         with ThreadPoolExecutor(16) as submitters:
             futures = [submitters.submit(submit, n) for n in range(500)]
             wait_for(lambda: len(accepted) >= 200, 60, "200 accepted requests")
