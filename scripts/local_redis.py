@@ -5,6 +5,7 @@
 
 The Redis it starts keeps an append-only file, fsynced every second by default; set
 REDIS_APPENDFSYNC=always to fsync every write (nothing acknowledged is lost, slower).
+REDIS_DIR sets where its data lives (default: var/redis in the checkout).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def serve(url: str) -> None:
     binary = shutil.which("redis-server")
     if not binary:
         sys.exit("no redis-server on PATH: `make run` installs one into .venv when the machine has none")
-    data = ROOT / "var" / "redis"
+    data = Path(os.environ.get("REDIS_DIR") or ROOT / "var" / "redis")
     data.mkdir(parents=True, exist_ok=True)
     fsync = os.environ.get("REDIS_APPENDFSYNC", "everysec")
     os.execv(
