@@ -2,8 +2,11 @@
 
 import base64
 import json
+import subprocess
 
 from rq.job import Job
+
+from tests.conftest import BIN, ROOT
 
 
 def test_the_request_reaches_the_model_as_it_was_sent(api, workers, model, db):
@@ -149,3 +152,21 @@ def test_a_job_result_is_readable_with_rq(api, workers, db):
     assert job.get_status() == "finished"
     assert job.return_value()["body"] == {"k": 1}
     assert 0 < db.ttl(job.key) <= 86400
+
+
+def test_the_documented_worker_command_reads_redis_from_the_settings(api, workers, db):
+    """`rq worker --worker-class worker.QueueWorker --config worker high default`, no --url: RQ takes
+    REDIS_URL from worker.py, which has it from the settings."""
+    command = [
+        str(BIN / "rq"),
+        "worker",
+        "--worker-class",
+        "worker.QueueWorker",
+        "--config",
+        "worker",
+        "high",
+        "default",
+    ]
+    workers.processes.append(subprocess.Popen(command, cwd=ROOT, env=workers.env, start_new_session=True))
+    request_id = api.submit_ok()
+    assert api.wait_status(request_id, "SUCCESS")["attempts"] == 1
