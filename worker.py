@@ -196,6 +196,7 @@ class QueueWorker(BaseWorker):
     recover_interval = 5.0
     orphan_interval = 5.0
     orphan_age = 10.0  # seconds an accepted request must be old before it can count as lost
+    orphan_batch = 1000  # open requests examined per sweep
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
     commit_batch = 256
 
@@ -493,6 +494,15 @@ class QueueWorker(BaseWorker):
                 StartedJobRegistry(q.name, connection=self.connection).cleanup(exception_handlers=self._exc_handlers)
         if self._every("orphans", self.orphan_interval) and self._lock("orphans", self.orphan_interval):
             self._recover_orphans()
+        if self._every("maintenance", self.maintenance_interval):
+            # RQ's own maintenance (expired entries of every registry, dead workers, stuck intermediate
+            # queues), which RQ's work loop would run and ours replaces; plus the canceled registry,
+            # whose entries we score by expiry.
+            self.clean_registries()
+            for q in self.queues:
+                self.connection.zremrangebyscore(
+                    CanceledJobRegistry(q.name, connection=self.connection).key, 0, time.time()
+                )
 
     def _lock(self, name: str, seconds: float) -> bool:
         """One worker at a time does each recovery task."""
@@ -515,7 +525,10 @@ class QueueWorker(BaseWorker):
         it recorded them (stock RQ's multi-queue BLPOP, rq issue 1716). A request must look lost on two
         sweeps in a row, `orphan_interval` apart, before it is re-queued; ended ones leave the index."""
         cutoff = time.time() - self.orphan_age
-        ids = [i.decode() for i in self.connection.zrangebyscore(OPEN_REQUESTS_KEY, "-inf", cutoff, 0, 10000)]
+        # The oldest open requests only: with a backlog those are queued at the front of their queue, and
+        # a lost one is examined once the requests older than it have ended.
+        oldest = self.connection.zrangebyscore(OPEN_REQUESTS_KEY, "-inf", cutoff, 0, self.orphan_batch)
+        ids = [i.decode() for i in oldest]
         if not ids:
             return
         with self.connection.pipeline(transaction=False) as pipe:
