@@ -117,7 +117,7 @@ class Config:
             wrk_seconds=10,
             warmup_seconds=2,
             fast_jobs=20000,
-            stock_jobs=600,
+            stock_jobs=400,
             slow_jobs=10000,
             raw_seconds=5.0,
             latency_requests=200,
