@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import requests
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
 
 REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
 SUBPATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.~-]{1,128}$")
@@ -71,19 +72,28 @@ def encode_answer(status_code: int, content_type: str, body: bytes) -> dict[str,
     return answer
 
 
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: " + " ".join(str(error).split())[:ERROR_SNIPPET]
+
+
 def _snippet(body: bytes) -> str:
     text = body[:ERROR_SNIPPET].decode("utf-8", "replace")
     return " ".join(text.split())  # one line, so it reads well in a log and in error_info
 
 
-_sessions = threading.local()
+_pools = threading.local()
 
 
-def session() -> requests.Session:
-    """This thread's HTTP session: connections to the model are kept and reused across jobs."""
-    if not hasattr(_sessions, "session"):
-        _sessions.session = requests.Session()
-    return _sessions.session
+def connections() -> urllib3.PoolManager:
+    """This thread's connection pool: connections to the model are kept and reused across jobs.
+
+    urllib3 directly, not requests on top of it: a POST costs about 200 us of CPU instead of 520 us
+    (requests looks up proxies and ~/.netrc on every call), which is most of a worker's time against a
+    fast model. The model is reached directly; HTTP(S)_PROXY does not apply.
+    """
+    if not hasattr(_pools, "pool"):
+        _pools.pool = urllib3.PoolManager(retries=False)
+    return _pools.pool
 
 
 def send(
@@ -102,13 +112,21 @@ def send(
         headers["Content-Type"] = content_type
     url = model_url(base_url, service, subpath, query)
     try:
-        response = session().post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
-    except requests.Timeout:
+        response = connections().request(
+            "POST",
+            url,
+            body=body,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            redirect=False,
+        )
+    except NewConnectionError as error:  # (a subclass of TimeoutError in urllib3, so caught first)
+        return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)
+    except TimeoutError:
         return Attempt(error=f"the model did not answer within {timeout:g}s", retryable=True)
-    except requests.RequestException as error:
-        reason = " ".join(str(error).split())[:ERROR_SNIPPET]
-        return Attempt(error=f"could not reach the model: {type(error).__name__}: {reason}", retryable=True)
-    code, content = response.status_code, response.content
+    except HTTPError as error:
+        return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)
+    code, content = response.status, response.data
     if code >= 500 or code == 429:
         return Attempt(error=f"the model answered HTTP {code}: {_snippet(content)}", retryable=True)
     if code >= 400:

@@ -92,10 +92,12 @@ class Config:
     raw_seconds: float
     latency_requests: int
     memory_requests: int
+    only: tuple[str, ...] = ()  # measurement numbers to run; empty: all
     model_delay: float = 0.1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
+        only = tuple(part.strip() for part in args.only.split(",") if part.strip())
         if args.quick:
             return cls(
                 repeats=args.repeats or 1,
@@ -109,6 +111,7 @@ class Config:
                 raw_seconds=1.0,
                 latency_requests=20,
                 memory_requests=300,
+                only=only,
             )
         return cls(
             repeats=args.repeats or 3,
@@ -122,6 +125,7 @@ class Config:
             raw_seconds=5.0,
             latency_requests=200,
             memory_requests=5000,
+            only=only,
         )
 
 
@@ -1062,6 +1066,8 @@ def run(cfg: Config) -> int:
                 ("5. Redis memory", measure_redis_memory),
             ]
             for title, step in steps:
+                if cfg.only and title.split(".")[0] not in cfg.only:
+                    continue
                 progress(f"--- {title}")
                 watch = CpuWatch()
                 try:
@@ -1096,6 +1102,7 @@ def main() -> int:
     parser.add_argument(
         "--concurrency", type=int, default=128, help="EAS_QUEUE_WORKER_CONCURRENCY for the 100 ms drain (128)"
     )
+    parser.add_argument("--only", default="", help="run only these measurements, e.g. --only 1,2")
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")

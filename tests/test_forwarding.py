@@ -94,7 +94,7 @@ def test_an_unreachable_model_is_retried_then_fails_saying_why(make_api, workers
     workers.start(env={"EAS_QUEUE_SETTINGS": api.env["EAS_QUEUE_SETTINGS"]})
     state = api.wait_status(request_id, "FAILURE", service="gone")
     assert state["attempts"] == 2
-    assert state["error_info"].startswith("could not reach the model: ConnectionError")
+    assert state["error_info"].startswith("could not reach the model: NewConnectionError")
 
 
 def test_a_slow_model_times_out_and_is_retried(make_api, workers, model, db):
