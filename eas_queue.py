@@ -88,13 +88,15 @@ def _single(name: str) -> str | None:
 
 
 def _submission(settings: Settings, service: str, subpath: str) -> queueing.Submission:
-    unknown = sorted(k for k in request.args if k.startswith("_") and k not in RESERVED_PARAMETERS)
-    if unknown:
-        raise ApiError(400, f"unknown reserved query parameter {unknown[0]!r} (known: _priority_, _ttl_)")
-    priority = _single("_priority_")
+    args = request.args
+    priority = ttl_text = None
+    if args:
+        unknown = sorted(k for k in args if k.startswith("_") and k not in RESERVED_PARAMETERS)
+        if unknown:
+            raise ApiError(400, f"unknown reserved query parameter {unknown[0]!r} (known: _priority_, _ttl_)")
+        priority, ttl_text = _single("_priority_"), _single("_ttl_")
     if priority not in (None, "0", "1"):
         raise ApiError(400, "_priority_ must be 0 or 1")
-    ttl_text = _single("_ttl_")
     ttl = None
     if ttl_text is not None:
         try:
@@ -103,17 +105,18 @@ def _submission(settings: Settings, service: str, subpath: str) -> queueing.Subm
             ttl = math.nan
         if not math.isfinite(ttl) or ttl <= 0:
             raise ApiError(400, "_ttl_ must be a positive number of seconds")
-    key = request.headers.get("Idempotency-Key")
+    headers = request.headers
+    key = headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH and key.isascii() and key.isprintable()):
         raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters")
-    if not forwarding.is_subpath(subpath):
+    if subpath and not forwarding.is_subpath(subpath):
         raise ApiError(400, "subpath segments must be letters, digits, '_', '.', '~' or '-', and not '.' or '..'")
     body = _read_body(settings.max_body_bytes)
     return queueing.Submission(
         service=service,
         subpath=subpath,
-        query=tuple((k, v) for k, v in request.args.items(multi=True) if not k.startswith("_")),
-        content_type=request.headers.get("Content-Type"),
+        query=tuple((k, v) for k, v in args.items(multi=True) if not k.startswith("_")) if args else (),
+        content_type=headers.get("Content-Type"),
         body=body,
         priority=priority == "1",
         ttl=ttl,
@@ -124,19 +127,19 @@ def _submission(settings: Settings, service: str, subpath: str) -> queueing.Subm
 def _read_body(limit: int) -> bytes:
     """The body, or 413 if it is longer than `limit`: checked against Content-Length, and counted while
     reading a chunked body (werkzeug would silently cut such a body at MAX_CONTENT_LENGTH)."""
-    too_big = ApiError(413, f"body larger than {limit} bytes")
-    if request.content_length is not None:
-        if request.content_length > limit:
-            raise too_big
-        return request.get_data(cache=False)
-    if not request.environ.get("wsgi.input_terminated"):
+    environ, length = request.environ, request.content_length
+    if length is not None:
+        if length > limit:
+            raise ApiError(413, f"body larger than {limit} bytes")
+        return environ["wsgi.input"].read(length) if length else b""
+    if not environ.get("wsgi.input_terminated"):
         return b""  # no length and a server that does not end the stream: nothing can be read safely
-    stream, chunks, size = request.environ["wsgi.input"], [], 0
+    stream, chunks, size = environ["wsgi.input"], [], 0
     while chunk := stream.read(min(65536, limit + 1 - size)):
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
-            raise too_big
+            raise ApiError(413, f"body larger than {limit} bytes")
     return b"".join(chunks)
 
 

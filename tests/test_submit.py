@@ -5,6 +5,9 @@ import http.client
 import requests
 from rq.job import Job
 
+from queueing import Enqueuer, Submission
+from settings import load_settings
+
 from tests.conftest import AUTH, TOKEN, wait_for
 
 
@@ -187,3 +190,13 @@ def test_enqueue_keeps_rq_bookkeeping(api, db):
     request_id = api.submit_ok()
     assert db.sismember("rq:queues", "rq:queue:default")
     assert wait_for(lambda: db.zscore("eas:open", request_id) is not None, what="the open-requests index")
+
+
+def test_the_job_hash_is_exactly_what_rq_would_write(redis_server, db):
+    """Enqueuer builds the hash from a per-queue template for speed; it must equal RQ's own Job.to_dict."""
+    settings = load_settings({"EAS_QUEUE_REDIS_URL": redis_server.url, "EAS_QUEUE_RETRY_INTERVALS": "1,2.5"})
+    enqueuer = Enqueuer(db, settings)
+    for priority in (False, True):
+        submission = Submission("svc", "a/b", (("k", "v"),), "text/plain", b"\x00body", priority, None, None)
+        job = enqueuer.build_job(submission)
+        assert enqueuer.job_fields(job) == {k: v for k, v in job.to_dict().items() if v != ""}
