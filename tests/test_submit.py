@@ -7,7 +7,6 @@ from rq.job import Job
 
 from queueing import Enqueuer, Submission
 from settings import load_settings
-
 from tests.conftest import AUTH, TOKEN, wait_for
 
 
