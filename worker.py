@@ -14,6 +14,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -84,7 +85,9 @@ def forward(
 # Claims up to ARGV[1] queued requests, strictly in the order of the queues in KEYS, and records each as
 # started (RQ status, StartedJobRegistry entry, Execution) in the same atomic step: no request is ever
 # popped without a trace (the gap of rq issue 1716). A request whose queue deadline passed ends EXPIRED
-# here, unforwarded. Returns {queue index, job id, execution id, job hash} per claimed request.
+# here, unforwarded. Returns {queue index, job id, execution id, the CLAIM_FIELDS of the job} per claimed
+# request: only what forwarding needs (parsing RQ's four timestamps per job cost more than forwarding).
+CLAIM_FIELDS = ("data", "origin", "status", "retries_left", "timeout", "result_ttl", "failure_ttl")
 _CLAIM = """
 -- KEYS: 1 open-requests index, 2 worker's execution set, then per queue: list, StartedJobRegistry, CanceledJobRegistry
 -- ARGV: 1 how many, 2 now (unix), 3 now (RQ text), 4 heartbeat deadline, 5 heartbeat ttl, 6 worker name,
@@ -122,7 +125,7 @@ local function take(q, id)
   redis.call('ZADD', ARGV[10] .. id, tonumber(ARGV[4]) + 60, execution_id)
   redis.call('EXPIRE', ARGV[10] .. id, ttl + 60)
   redis.call('SADD', KEYS[2], composite)
-  claimed[#claimed + 1] = {q, id, execution_id, redis.call('HGETALL', job_key)}
+  claimed[#claimed + 1] = {q, id, execution_id, redis.call('HMGET', job_key, CLAIM_FIELDS)}
 end
 
 local adopted = tonumber(ARGV[11])
@@ -135,6 +138,35 @@ for q = 1, (#KEYS - 2) / 3 do
   end
 end
 return claimed
+""".replace("CLAIM_FIELDS", ", ".join(f"'{name}'" for name in CLAIM_FIELDS))
+
+# Records finished requests as RQ's Worker.handle_job_success would (status, Result stream entry,
+# FinishedJobRegistry, expiry, Execution removed), plus our index, for a whole batch in one call: through
+# RQ's methods this took ten pipelined commands and three registry objects per request.
+_COMMIT_SUCCESSES = """
+-- KEYS: 1 open-requests index, 2 worker's execution set, 3 worker hash
+-- ARGV: 1 now (unix), 2 now (RQ text), 3 job key prefix, 4 results key prefix, 5 execution key prefix,
+--       6 executions registry prefix, then per request: job id, execution id, StartedJobRegistry key,
+--       FinishedJobRegistry key, result ttl, number of result fields n, then n field/value pairs
+local i, done = 7, 0
+while i <= #ARGV do
+  local id, execution, wip, finished = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local ttl, fields = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local job_key, results, composite = ARGV[3] .. id, ARGV[4] .. id, id .. ':' .. execution
+  redis.call('HSET', job_key, 'status', 'finished', 'ended_at', ARGV[2])
+  redis.call('XADD', results, 'MAXLEN', 10, '*', unpack(ARGV, i + 6, i + 5 + 2 * fields))
+  redis.call('EXPIRE', results, ttl)
+  redis.call('ZADD', finished, tonumber(ARGV[1]) + ttl, id)
+  redis.call('EXPIRE', job_key, ttl)
+  redis.call('DEL', ARGV[5] .. composite)
+  redis.call('ZREM', wip, composite)
+  redis.call('ZREM', ARGV[6] .. id, execution)
+  redis.call('SREM', KEYS[2], composite)
+  redis.call('ZREM', KEYS[1], id)
+  i, done = i + 6 + 2 * fields, done + 1
+end
+redis.call('HINCRBY', KEYS[3], 'successful_job_count', done)
+return done
 """
 
 # Moves retries whose wait is over from RQ's ScheduledJobRegistry back onto their queue, atomically,
@@ -198,6 +230,7 @@ class QueueWorker(BaseWorker):
     orphan_age = 10.0  # seconds an accepted request must be old before it can count as lost
     orphan_batch = 1000  # open requests examined per sweep
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
+    batch_wait = 0.005  # longest wait for a bigger batch of free slots
     commit_batch = 256
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -205,12 +238,20 @@ class QueueWorker(BaseWorker):
         self.settings = get_settings()
         self.concurrency = self.settings.worker_concurrency
         self._claim = self.connection.register_script(_CLAIM)
+        self._commit_successes = self.connection.register_script(_COMMIT_SUCCESSES)
         self._promote = self.connection.register_script(_PROMOTE_DUE)
         self._requeue_orphan = self.connection.register_script(_REQUEUE_ORPHAN)
         self._in_flight: dict[str, InFlight] = {}
         self._slots = threading.Condition()
         self._outcomes: stdlib_queue.SimpleQueue = stdlib_queue.SimpleQueue()
         self._queues_by_index = {i + 1: q for i, q in enumerate(self.queues)}
+        # Registry keys per queue, worked out once: RQ builds a registry object for each lookup.
+        self._claim_keys = [OPEN_REQUESTS_KEY, self.executions_key]
+        self._registry_keys: dict[str, tuple[str, str]] = {}
+        for q in self.queues:
+            started, finished = q.started_job_registry.key, q.finished_job_registry.key
+            self._claim_keys += [q.key, started, CanceledJobRegistry(q.name, connection=self.connection).key]
+            self._registry_keys[q.name] = (started, finished)
         self._due: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
 
@@ -282,16 +323,18 @@ class QueueWorker(BaseWorker):
         self.bootstrap(logging_level, date_format, log_format)
 
     def _free_slots(self) -> int:
+        """How many more requests to claim now. While some are in flight, waits up to `batch_wait` for a
+        quarter of the slots to be free: each claim is a round trip, so a few at a time costs CPU."""
         with self._slots:
             if len(self._in_flight) >= self.concurrency:
                 self._slots.wait(timeout=self.idle_wait)
+            if self._in_flight:
+                batch = max(1, self.concurrency // 4)
+                self._slots.wait_for(lambda: self.concurrency - len(self._in_flight) >= batch, self.batch_wait)
             return self.concurrency - len(self._in_flight)
 
     def _claim_requests(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
         """Claims up to `count` requests (plus `adopted`, already popped) in one atomic Redis call."""
-        keys = [OPEN_REQUESTS_KEY, self.executions_key]
-        for q in self.queues:
-            keys += [q.key, q.started_job_registry.key, CanceledJobRegistry(q.name, connection=self.connection).key]
         moment = now()
         stamp = time.time()
         execution_ids = [uuid.uuid4().hex for _ in range(count)]
@@ -311,9 +354,10 @@ class QueueWorker(BaseWorker):
             *execution_ids,
         ]
         claimed = []
-        for queue_index, job_id, execution_id, flat in self._claim(keys=keys, args=args):
+        for queue_index, job_id, execution_id, values in self._claim(keys=self._claim_keys, args=args):
             job = Job(job_id.decode(), connection=self.connection)
-            job.restore(dict(zip(flat[::2], flat[1::2], strict=False)))
+            job.restore({name: value for name, value in zip(CLAIM_FIELDS, values, strict=True) if value is not None})
+            job.started_at = moment
             execution = Execution(execution_id.decode(), job.id, connection=self.connection, worker_name=self.name)
             execution._job = job
             item = InFlight(job, self._queues_by_index[queue_index], execution)
@@ -407,54 +451,76 @@ class QueueWorker(BaseWorker):
                 self._slots.notify_all()
 
     def _commit(self, batch: list[tuple[InFlight, forwarding.Attempt]]) -> None:
-        """Records a batch of outcomes in one MULTI/EXEC, with RQ's own writes for each."""
-        settings = self.settings
-        succeeded = failed = 0
-        with self.connection.pipeline() as pipe:
-            for item, attempt in batch:
+        """Records a batch of outcomes: successes in one Lua call, failures through RQ's own methods."""
+        ended_at = now()
+        succeeded = [(item, attempt) for item, attempt in batch if attempt.result is not None]
+        if succeeded:
+            args: list[Any] = [
+                time.time(),
+                utcformat(ended_at),
+                Job.redis_job_namespace_prefix,
+                Result.get_key(""),
+                "rq:execution:",
+                "rq:executions:",
+            ]
+            for item, attempt in succeeded:
                 job, execution = item.job, item.execution
-                job.ended_at = now()
+                ttl = job.result_ttl or self.settings.result_ttl
+                result = Result(
+                    job.id,
+                    Result.Type.SUCCESSFUL,
+                    self.connection,
+                    return_value=attempt.result,
+                    worker_name=self.name,
+                    serializer=job.serializer,
+                    execution_id=execution.id,
+                    execution_started_at=execution.created_at,
+                    execution_ended_at=ended_at,
+                ).serialize()
+                args += [job.id, execution.id, *self._registry_keys[item.queue.name], ttl, len(result)]
+                for field, value in result.items():
+                    args += [field, value]
+            self._commit_successes(keys=[OPEN_REQUESTS_KEY, self.executions_key, self.key], args=args)
+        failed = [(item, attempt) for item, attempt in batch if attempt.result is None]
+        if failed:
+            self._commit_failures(failed, ended_at)
+
+    def _commit_failures(self, failed: list[tuple[InFlight, forwarding.Attempt]], ended_at: datetime) -> None:
+        """Retries (RQ's Job.retry: ScheduledJobRegistry, then back on the queue) or fails each request.
+
+        RQ rewrites the whole job hash here, so the jobs, claimed with only some fields, are loaded whole.
+        """
+        with self.connection.pipeline(transaction=False) as pipe:
+            for item, _ in failed:
+                pipe.hgetall(item.job.key)
+            for (item, _), raw in zip(failed, pipe.execute(), strict=True):
+                if raw:
+                    item.job.restore(raw)
+        with self.connection.pipeline() as pipe:
+            for item, attempt in failed:
+                job, execution = item.job, item.execution
+                job.ended_at = ended_at
                 execution.delete(job=job, pipeline=pipe)
-                if attempt.result is not None:
-                    succeeded += 1
-                    job.set_status(JobStatus.FINISHED, pipeline=pipe)
-                    pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
-                    Result.create(
-                        job,
-                        Result.Type.SUCCESSFUL,
-                        settings.result_ttl,
-                        return_value=attempt.result,
-                        worker_name=self.name,
-                        pipeline=pipe,
-                        execution_id=execution.id,
-                        execution_started_at=execution.created_at,
-                        execution_ended_at=job.ended_at,
-                    )
-                    job.finished_job_registry.add(job, settings.result_ttl, pipe)
-                    pipe.expire(job.key, settings.result_ttl)
-                    pipe.zrem(OPEN_REQUESTS_KEY, job.id)
-                    continue
-                failed += 1
                 error = attempt.error or "failed"
                 pipe.hset(job.key, LAST_ERROR_FIELD, error.strip().splitlines()[-1])
                 if attempt.retryable and job.retries_left:
-                    job.retry(item.queue, pipe)  # RQ: wait in ScheduledJobRegistry, then back on the queue
+                    job.retry(item.queue, pipe)
                     continue
+                ttl = job.failure_ttl or self.settings.failure_ttl
                 job.set_status(JobStatus.FAILED, pipeline=pipe)
-                job.failed_job_registry.add(job, ttl=settings.failure_ttl, exc_string=error, pipeline=pipe)
+                job.failed_job_registry.add(job, ttl=ttl, exc_string=error, pipeline=pipe)
                 Result.create_failure(
                     job,
-                    settings.failure_ttl,
+                    ttl,
                     exc_string=error,
                     worker_name=self.name,
                     pipeline=pipe,
                     execution_id=execution.id,
                     execution_started_at=execution.created_at,
-                    execution_ended_at=job.ended_at,
+                    execution_ended_at=ended_at,
                 )
                 pipe.zrem(OPEN_REQUESTS_KEY, job.id)
-            pipe.hincrby(self.key, "successful_job_count", succeeded)
-            pipe.hincrby(self.key, "failed_job_count", failed)
+            pipe.hincrby(self.key, "failed_job_count", len(failed))
             pipe.execute()
 
     def _drain_and_stop(self) -> None:
@@ -516,7 +582,8 @@ class QueueWorker(BaseWorker):
             self.heartbeat(pipeline=pipe)
             self.set_state(WorkerStatus.BUSY if in_flight else WorkerStatus.IDLE, pipeline=pipe)
             for item in in_flight:
-                pipe.zadd(item.queue.started_job_registry.key, {item.execution.composite_key: deadline}, xx=True)
+                started_key = self._registry_keys[item.queue.name][0]
+                pipe.zadd(started_key, {item.execution.composite_key: deadline}, xx=True)
                 pipe.expire(item.execution.key, self.heartbeat_ttl)
             pipe.execute()
 
