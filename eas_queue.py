@@ -193,10 +193,7 @@ def _add_dashboard(app: Flask, settings: Settings) -> None:
     rq_dashboard.web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
 
-    @app.before_request
     def dashboard_login() -> Response | None:
-        if request.path != "/rq" and not request.path.startswith("/rq/"):
-            return None
         auth = request.authorization
         if auth is None or auth.type != "basic" or not _matches(auth.password or "", settings.tokens):
             response = jsonify(error="the dashboard needs HTTP Basic auth; the password is an API token")
@@ -204,6 +201,10 @@ def _add_dashboard(app: Flask, settings: Settings) -> None:
             response.headers["WWW-Authenticate"] = 'Basic realm="eas-queue dashboard"'
             return response
         return None
+
+    # First among the dashboard's own hooks (which open a Redis connection per request), and only on its
+    # routes: the API's requests do not pay for it.
+    app.before_request_funcs.setdefault(rq_dashboard.blueprint.name, []).insert(0, dashboard_login)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
