@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -247,13 +248,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(**clean)
 
 
+SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
 def is_service_name(name: str) -> bool:
     """1-128 of letters, digits, '_', '-', '.'; not only dots (so it can never be '.' or '..')."""
-    return (
-        0 < len(name) <= 128
-        and all(c.isascii() and (c.isalnum() or c in "_-.") for c in name)
-        and name.strip(".") != ""
-    )
+    return SERVICE_NAME.fullmatch(name) is not None and name.strip(".") != ""
 
 
 _loaded: Settings | None = None
