@@ -16,6 +16,7 @@ import logging
 import math
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import rq_dashboard
@@ -131,7 +132,10 @@ def _read_body(limit: int) -> bytes:
     if length is not None:
         if length > limit:
             raise ApiError(413, f"body larger than {limit} bytes")
-        return environ["wsgi.input"].read(length) if length else b""
+        body = environ["wsgi.input"].read(length) if length else b""
+        if len(body) != length:  # the client went away mid-body: never queue half a request
+            raise ApiError(400, f"body ended after {len(body)} of {length} bytes (Content-Length)")
+        return body
     if not environ.get("wsgi.input_terminated"):
         return b""  # no length and a server that does not end the stream: nothing can be read safely
     stream, chunks, size = environ["wsgi.input"], [], 0
@@ -193,18 +197,26 @@ def _add_dashboard(app: Flask, settings: Settings) -> None:
     rq_dashboard.web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
 
-    def dashboard_login() -> Response | None:
+    def dashboard_guard() -> Response | None:
         auth = request.authorization
         if auth is None or auth.type != "basic" or not _matches(auth.password or "", settings.tokens):
             response = jsonify(error="the dashboard needs HTTP Basic auth; the password is an API token")
             response.status_code = 401
             response.headers["WWW-Authenticate"] = 'Basic realm="eas-queue dashboard"'
             return response
+        # Browsers resend Basic credentials to any site's forms and images, so an action (requeue, delete,
+        # empty) must come from this host's own pages: the dashboard's scripts send Origin or Referer.
+        if request.method not in ("GET", "HEAD") or request.path.startswith("/rq/requeue/"):
+            source = request.headers.get("Origin") or request.headers.get("Referer") or ""
+            if urlsplit(source).netloc != request.host:
+                response = jsonify(error="dashboard actions must come from its own pages (Origin of this host)")
+                response.status_code = 403
+                return response
         return None
 
     # First among the dashboard's own hooks (which open a Redis connection per request), and only on its
     # routes: the API's requests do not pay for it.
-    app.before_request_funcs.setdefault(rq_dashboard.blueprint.name, []).insert(0, dashboard_login)
+    app.before_request_funcs.setdefault(rq_dashboard.blueprint.name, []).insert(0, dashboard_guard)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -232,9 +244,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                 {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
             )
         if queued.outcome == "conflict":
-            raise ApiError(
-                422, "this Idempotency-Key was already used for a different request", request_id=queued.request_id
-            )
+            raise ApiError(422, "this Idempotency-Key was already used for a different request")
         response = Response(queued.request_id, status=200, mimetype="text/plain")
         response.headers[forwarding.REQUEST_ID_HEADER] = queued.request_id
         return response
@@ -249,14 +259,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     def cancel(service: str) -> tuple[Response, int]:
         _check_service(settings, service)
         request_id = _request_id()
-        state = _known_state(connection, service, request_id)
+        _known_state(connection, service, request_id)  # 404 unless it is this service's
         outcome = queueing.cancel(connection, request_id, settings.result_ttl)
+        state = _known_state(connection, service, request_id)
+        if outcome == "running":
+            raise ApiError(409, "request is being forwarded now; it cannot be canceled", status=state.status)
         if outcome != "canceled":
-            state = _known_state(connection, service, request_id)
-            if outcome == "running":
-                raise ApiError(409, "request is being forwarded now; it cannot be canceled", status=state.status)
             raise ApiError(409, "request has already ended", status=state.status)
-        return jsonify(_state_body(_known_state(connection, service, request_id))), 200
+        return jsonify(_state_body(state)), 200
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

@@ -75,16 +75,20 @@ _PER_REQUEST_FIELDS = ("created_at", "enqueued_at", "data", "description")
 # exactly the writes RQ's Queue.enqueue makes (HSET job, RPUSH queue, SADD rq:queues), plus our index.
 _ENQUEUE = """
 -- KEYS: 1 queue list, 2 job hash, 3 rq:queues set, 4 open-requests index, 5 idempotency key (optional)
--- ARGV: 1 max queue length, 2 job id, 3 accept time, 4 idempotency value, 5 idempotency ttl, 6.. job fields
+-- ARGV: 1 max queue length, 2 job id, 3 seconds it may wait to start ('': no limit), 4 idempotency value,
+--       5 idempotency ttl, 6.. job fields
 if KEYS[5] then
   local seen = redis.call('GET', KEYS[5])
   if seen then return {'duplicate', seen} end
 end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'full'} end
+local clock = redis.call('TIME')  -- one clock for every host: expiry is judged on it everywhere
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'eas_expires_at', tostring(now + tonumber(ARGV[3]))) end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[4], now, ARGV[2])
 if KEYS[5] then redis.call('SET', KEYS[5], ARGV[4], 'EX', ARGV[5]) end
 return {'queued'}
 """
@@ -195,10 +199,7 @@ class Enqueuer:
         request_id = str(uuid.uuid4())  # as RQ names jobs
         fields = self.job_fields(submission, now())
         fields[SERVICE_FIELD] = submission.service
-        accepted_at = time.time()
         limits = [t for t in (self.settings.queue_ttl or None, submission.ttl) if t]
-        if limits:
-            fields[EXPIRES_AT_FIELD] = repr(accepted_at + min(limits))
         keys = [queue_key(_queue_name(submission)), Job.key_for(request_id), Queue.redis_queues_keys, OPEN_REQUESTS_KEY]
         fingerprint = ""
         if submission.idempotency_key is not None:
@@ -207,7 +208,7 @@ class Enqueuer:
         args: list[Any] = [
             self.settings.max_queue_length,
             request_id,
-            accepted_at,
+            repr(min(limits)) if limits else "",
             f"{request_id} {fingerprint}",
             self.settings.result_ttl,
         ]
@@ -278,9 +279,10 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
     with connection.pipeline(transaction=False) as pipe:
         pipe.hmget(job_key, _VIEW_FIELDS)
         pipe.xrevrange(Result.get_key(request_id), "+", "-", count=1)
+        pipe.time()
         for name in QUEUE_NAMES:
             pipe.zscore(ScheduledJobRegistry(name, connection=connection).key, request_id)
-        fields, results, *retry_times = pipe.execute()
+        fields, results, (seconds, micros), *retry_times = pipe.execute()
     raw = dict(zip(_VIEW_FIELDS, fields, strict=False))
     if not raw["status"] or not raw[SERVICE_FIELD]:
         return None
@@ -309,7 +311,7 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
     if rq_status == JobStatus.STARTED:
         return RequestState(status="STARTED", **common)
     expires_at = float(raw[EXPIRES_AT_FIELD] or 0)
-    if attempts == 0 and expires_at and time.time() > expires_at:
+    if attempts == 0 and expires_at and seconds + micros / 1e6 > expires_at:
         return RequestState(status="EXPIRED", **common)
     return RequestState(status="PENDING", error=_text(raw[LAST_ERROR_FIELD]), **common)
 

@@ -8,18 +8,22 @@ atomically, re-queues due retries itself, and recovers requests whose worker die
 
 from __future__ import annotations
 
+import contextlib
 import queue as stdlib_queue
 import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
-from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.executions import Execution
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT, RQ_KEY_PREFIX
+from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus, get_current_job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry, ScheduledJobRegistry, StartedJobRegistry
@@ -36,15 +40,21 @@ from queueing import (
     OPEN_REQUESTS_KEY,
     OUTCOME_FIELD,
     QUEUE_NAMES,
-    queue_key,
 )
 from settings import get_settings
 
 ORPHAN_SUSPECTS_KEY = "eas:orphan-suspects"
+EXECUTION_KEY_PREFIX = RQ_KEY_PREFIX + ":execution:"  # rq.executions.Execution.key
+EXECUTIONS_REGISTRY_PREFIX = ExecutionRegistry.key_template.format("")  # one per job
 
 # `rq worker -c worker` reads these: the queues in priority order, and Redis as the settings say.
 QUEUES = list(QUEUE_NAMES)
 REDIS_URL = get_settings().redis_url
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after `failures` failures in a row: 0.25, 0.5, 1, then 2 at most."""
+    return min(0.125 * 2**failures, 2.0)
 
 
 class ForwardError(Exception):
@@ -62,13 +72,15 @@ def forward(
     assert job is not None, "worker.forward runs inside an RQ worker"
     settings = get_settings()
     with job.connection.pipeline() as pipe:
-        pipe.hincrby(job.key, ATTEMPTS_FIELD, 1)
-        pipe.hget(job.key, EXPIRES_AT_FIELD)
-        attempts, expires_at = pipe.execute()
-    if attempts == 1 and expires_at and time.time() > float(expires_at):
+        pipe.hmget(job.key, EXPIRES_AT_FIELD, ATTEMPTS_FIELD)
+        pipe.time()
+        (expires_at, attempts), (seconds, micros) = pipe.execute()
+    if not attempts and expires_at and seconds + micros / 1e6 > float(expires_at):
+        # RQ ends a job that raises as FAILED; the sink reports it EXPIRED, by this field.
         job.connection.hset(job.key, OUTCOME_FIELD, "expired")
         job.retries_left = 0
         raise ForwardError("expired before it was started")
+    job.connection.hincrby(job.key, ATTEMPTS_FIELD, 1)
     attempt = forwarding.send(
         settings.target_for(service), job.id, service, subpath, query, content_type, body, settings.forward_timeout
     )
@@ -87,14 +99,16 @@ def forward(
 # popped without a trace (the gap of rq issue 1716). A request whose queue deadline passed ends EXPIRED
 # here, unforwarded. Returns {queue index, job id, execution id, the CLAIM_FIELDS of the job} per claimed
 # request: only what forwarding needs (parsing RQ's four timestamps per job cost more than forwarding).
-CLAIM_FIELDS = ("data", "origin", "status", "retries_left", "timeout", "result_ttl", "failure_ttl")
+CLAIM_FIELDS = ("data", "origin", "status", "retries_left", "retry_intervals", "timeout", "result_ttl", "failure_ttl")
 _CLAIM = """
 -- KEYS: 1 open-requests index, 2 worker's execution set, then per queue: list, StartedJobRegistry, CanceledJobRegistry
 -- ARGV: 1 how many, 2 now (unix), 3 now (RQ text), 4 heartbeat deadline, 5 heartbeat ttl, 6 worker name,
 --       7 ttl of expired requests, 8 job key prefix, 9 execution key prefix, 10 executions registry prefix,
 --       11 adopted queue index (0: none), 12 adopted job id, 13.. fresh execution ids
-local want, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local want = tonumber(ARGV[1])
 local ttl, expired_ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
+local clock = redis.call('TIME')  -- expiry is judged on Redis's clock, as the API and the sink judge it
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local next_execution = 13
 local claimed = {}
 
@@ -117,6 +131,7 @@ local function take(q, id)
   redis.call('HSET', job_key, 'status', 'started', 'started_at', ARGV[3], 'last_heartbeat', ARGV[3],
              'worker_name', ARGV[6])
   redis.call('HINCRBY', job_key, 'eas_attempts', 1)
+  redis.call('PERSIST', job_key)  -- as RQ does when a job starts (one requeued from failed has a ttl)
   redis.call('ZADD', wip, ARGV[4], composite)
   local execution_key = ARGV[9] .. composite
   redis.call('HSET', execution_key, 'id', execution_id, 'job_id', id, 'created_at', ARGV[2],
@@ -140,33 +155,49 @@ end
 return claimed
 """.replace("CLAIM_FIELDS", ", ".join(f"'{name}'" for name in CLAIM_FIELDS))
 
-# Records finished requests as RQ's Worker.handle_job_success would (status, Result stream entry,
-# FinishedJobRegistry, expiry, Execution removed), plus our index, for a whole batch in one call: through
-# RQ's methods this took ten pipelined commands and three registry objects per request.
-_COMMIT_SUCCESSES = """
+# Records a batch of outcomes, each as RQ's worker records it: status and end time; the registry it moves
+# to (Finished, Failed, or Scheduled to wait for a retry); a Result stream entry (success or failure);
+# the job's and result's expiry; the Execution removed; plus our index. One call instead of RQ's ten
+# pipelined commands per request, and atomic, which RQ's Job.retry is not (it writes the status first).
+# Only the worker that still holds a request (its StartedJobRegistry entry) may record it: if its
+# heartbeat lapsed, recovery has retried or failed the request, and a late outcome must not undo that.
+_RECORD_OUTCOMES = """
 -- KEYS: 1 open-requests index, 2 worker's execution set, 3 worker hash
--- ARGV: 1 now (unix), 2 now (RQ text), 3 job key prefix, 4 results key prefix, 5 execution key prefix,
---       6 executions registry prefix, then per request: job id, execution id, StartedJobRegistry key,
---       FinishedJobRegistry key, result ttl, number of result fields n, then n field/value pairs
-local i, done = 7, 0
+-- ARGV: 1 now (RQ text), 2 job key prefix, 3 results key prefix, 4 execution key prefix, 5 executions
+--       registry prefix, then per request: status (finished, scheduled or failed), job id, execution id,
+--       StartedJobRegistry key, the registry it moves to, its score there, ttl of job and result (0: keep),
+--       last error ('': none), retries left ('': keep), result field count n, then n field/value pairs
+local i, finished, failed, stale = 6, 0, 0, 0
 while i <= #ARGV do
-  local id, execution, wip, finished = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local ttl, fields = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local job_key, results, composite = ARGV[3] .. id, ARGV[4] .. id, id .. ':' .. execution
-  redis.call('HSET', job_key, 'status', 'finished', 'ended_at', ARGV[2])
-  redis.call('XADD', results, 'MAXLEN', 10, '*', unpack(ARGV, i + 6, i + 5 + 2 * fields))
-  redis.call('EXPIRE', results, ttl)
-  redis.call('ZADD', finished, tonumber(ARGV[1]) + ttl, id)
-  redis.call('EXPIRE', job_key, ttl)
-  redis.call('DEL', ARGV[5] .. composite)
-  redis.call('ZREM', wip, composite)
-  redis.call('ZREM', ARGV[6] .. id, execution)
+  local status, id, execution, wip, registry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local score, ttl, last_error, retries = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], ARGV[i + 8]
+  local fields = tonumber(ARGV[i + 9])
+  local composite = id .. ':' .. execution
+  if redis.call('ZREM', wip, composite) == 1 then
+    local job_key = ARGV[2] .. id
+    redis.call('HSET', job_key, 'status', status, 'ended_at', ARGV[1])
+    if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
+    if retries ~= '' then redis.call('HSET', job_key, 'retries_left', retries) end
+    redis.call('ZADD', registry, score, id)
+    if fields > 0 then
+      local results = ARGV[3] .. id
+      redis.call('XADD', results, 'MAXLEN', 10, '*', unpack(ARGV, i + 10, i + 9 + 2 * fields))
+      redis.call('EXPIRE', results, ttl)
+    end
+    if ttl > 0 then redis.call('EXPIRE', job_key, ttl) end
+    if status ~= 'scheduled' then redis.call('ZREM', KEYS[1], id) end
+    if status == 'finished' then finished = finished + 1 else failed = failed + 1 end
+  else
+    stale = stale + 1
+  end
+  redis.call('DEL', ARGV[4] .. composite)
+  redis.call('ZREM', ARGV[5] .. id, execution)
   redis.call('SREM', KEYS[2], composite)
-  redis.call('ZREM', KEYS[1], id)
-  i, done = i + 6 + 2 * fields, done + 1
+  i = i + 10 + 2 * fields
 end
-redis.call('HINCRBY', KEYS[3], 'successful_job_count', done)
-return done
+redis.call('HINCRBY', KEYS[3], 'successful_job_count', finished)
+redis.call('HINCRBY', KEYS[3], 'failed_job_count', failed)
+return stale
 """
 
 # Moves retries whose wait is over from RQ's ScheduledJobRegistry back onto their queue, atomically,
@@ -193,14 +224,31 @@ end
 return moved
 """
 
-# Puts a request that says `queued` but sits in no queue back at the front of its queue.
+# Puts a request that a crash left outside every queue and registry back at the front of its queue, after
+# checking again, atomically, that it is still where the sweep found it: `queued` but in no queue,
+# `scheduled` but not in the ScheduledJobRegistry, or `started` with no live Execution.
 _REQUEUE_ORPHAN = """
--- KEYS: 1 job hash, 2 queue list.  ARGV: 1 job id
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+-- KEYS: 1 job hash, 2 queue list, 3 ScheduledJobRegistry, 4 the job's executions registry.  ARGV: 1 job id, 2 status
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= ARGV[2] then return 0 end
+if status == 'queued' and redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+if status == 'scheduled' and redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+if status == 'started' and redis.call('ZCARD', KEYS[4]) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('LPUSH', KEYS[2], ARGV[1])
 return 1
 """
+
+
+@dataclass(frozen=True)
+class Registries:
+    """The keys of one queue's RQ registries."""
+
+    started: str
+    finished: str
+    failed: str
+    scheduled: str
+    canceled: str
 
 
 @dataclass
@@ -232,13 +280,21 @@ class QueueWorker(BaseWorker):
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
     batch_wait = 0.005  # longest wait for a bigger batch of free slots
     commit_batch = 256
+    commit_attempts = 30  # tries at recording outcomes that Redis refuses (not: cannot be reached)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = get_settings()
         self.concurrency = self.settings.worker_concurrency
+        # Redis calls fail fast and are retried by this worker's own loops, never by redis-py behind its
+        # back: a claim run twice would take a second batch. RQ sets a 415 s socket timeout for its long
+        # BLPOP; ours waits at most `idle_wait`, so a dead link is noticed within seconds.
+        self.connection.connection_pool.connection_kwargs.update(
+            socket_timeout=10, socket_connect_timeout=5, retry=RedisRetry(NoBackoff(), 0)
+        )
+        self.connection.connection_pool.disconnect()
         self._claim = self.connection.register_script(_CLAIM)
-        self._commit_successes = self.connection.register_script(_COMMIT_SUCCESSES)
+        self._record = self.connection.register_script(_RECORD_OUTCOMES)
         self._promote = self.connection.register_script(_PROMOTE_DUE)
         self._requeue_orphan = self.connection.register_script(_REQUEUE_ORPHAN)
         self._in_flight: dict[str, InFlight] = {}
@@ -247,11 +303,17 @@ class QueueWorker(BaseWorker):
         self._queues_by_index = {i + 1: q for i, q in enumerate(self.queues)}
         # Registry keys per queue, worked out once: RQ builds a registry object for each lookup.
         self._claim_keys = [OPEN_REQUESTS_KEY, self.executions_key]
-        self._registry_keys: dict[str, tuple[str, str]] = {}
+        self._registries: dict[str, Registries] = {}
         for q in self.queues:
-            started, finished = q.started_job_registry.key, q.finished_job_registry.key
-            self._claim_keys += [q.key, started, CanceledJobRegistry(q.name, connection=self.connection).key]
-            self._registry_keys[q.name] = (started, finished)
+            registries = Registries(
+                q.started_job_registry.key,
+                q.finished_job_registry.key,
+                q.failed_job_registry.key,
+                q.scheduled_job_registry.key,
+                q.canceled_job_registry.key,
+            )
+            self._claim_keys += [q.key, registries.started, registries.canceled]
+            self._registries[q.name] = registries
         self._due: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
 
@@ -274,7 +336,7 @@ class QueueWorker(BaseWorker):
         self._start_threads()
         started = 0
         idle_since = time.monotonic()
-        backoff = 0.5
+        failures = 0
         try:
             while not self._stop_requested:
                 try:
@@ -299,11 +361,12 @@ class QueueWorker(BaseWorker):
                     started += len(claimed)
                     if max_jobs is not None and started >= max_jobs:
                         break
-                    backoff = 0.5
+                    failures = 0
                 except (redis.ConnectionError, redis.TimeoutError) as error:
-                    self.log.warning("Worker %s: Redis unavailable (%s), retrying in %.1fs", self.name, error, backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    failures += 1
+                    self.log.warning("Worker %s: Redis unavailable (%s)", self.name, error)
+                    self._after_redis_outage()
+                    time.sleep(backoff(failures))
         finally:
             self._drain_and_stop()
             self._teardown_quietly()
@@ -311,15 +374,15 @@ class QueueWorker(BaseWorker):
 
     def _bootstrap(self, logging_level: str, date_format: str, log_format: str) -> None:
         """RQ's bootstrap (register, subscribe), after waiting for Redis if it is away at this moment."""
-        backoff = 0.5
+        failures = 0
         while True:
             try:
                 self.connection.ping()
                 break
             except (redis.ConnectionError, redis.TimeoutError) as error:
+                failures += 1
                 self.log.warning("Worker %s: waiting for Redis (%s)", self.name, error)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                time.sleep(backoff(failures))
         self.bootstrap(logging_level, date_format, log_format)
 
     def _free_slots(self) -> int:
@@ -347,8 +410,8 @@ class QueueWorker(BaseWorker):
             self.name,
             self.settings.result_ttl,
             Job.redis_job_namespace_prefix,
-            "rq:execution:",
-            "rq:executions:",
+            EXECUTION_KEY_PREFIX,
+            EXECUTIONS_REGISTRY_PREFIX,
             adopted[0] if adopted else 0,
             adopted[1] if adopted else "",
             *execution_ids,
@@ -416,7 +479,6 @@ class QueueWorker(BaseWorker):
             return forwarding.Attempt(error=traceback.format_exc(), retryable=True)
 
     def _commit_loop(self) -> None:
-        backoff = 0.2
         while True:
             first = self._outcomes.get()
             if first is None:
@@ -431,97 +493,96 @@ class QueueWorker(BaseWorker):
                     self._outcomes.put(None)
                     break
                 batch.append(nxt)
+            tries = refused = 0
             while True:
                 try:
                     self._commit(batch)
-                    backoff = 0.2
                     break
                 except (redis.ConnectionError, redis.TimeoutError) as error:
+                    # Redis away: keep the outcomes until it is back (recording twice is harmless).
                     self.log.warning("Worker %s: cannot record %d outcomes yet (%s)", self.name, len(batch), error)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
                 except Exception:
-                    self.log.exception(
-                        "Worker %s: recording outcomes failed; they will be retried by recovery", self.name
-                    )
-                    break
+                    # Redis refusing (READONLY after a failover, out of memory...): keep trying for a while,
+                    # then let go; without heartbeats, recovery retries these requests.
+                    refused += 1
+                    self.log.exception("Worker %s: recording %d outcomes failed", self.name, len(batch))
+                    if refused >= self.commit_attempts:
+                        break
+                tries += 1
+                time.sleep(backoff(tries))
             with self._slots:
                 for item, _ in batch:
                     self._in_flight.pop(item.job.id, None)
                 self._slots.notify_all()
 
     def _commit(self, batch: list[tuple[InFlight, forwarding.Attempt]]) -> None:
-        """Records a batch of outcomes: successes in one Lua call, failures through RQ's own methods."""
-        ended_at = now()
-        succeeded = [(item, attempt) for item, attempt in batch if attempt.result is not None]
-        if succeeded:
-            args: list[Any] = [
-                time.time(),
-                utcformat(ended_at),
-                Job.redis_job_namespace_prefix,
-                Result.get_key(""),
-                "rq:execution:",
-                "rq:executions:",
-            ]
-            for item, attempt in succeeded:
-                job, execution = item.job, item.execution
-                ttl = job.result_ttl or self.settings.result_ttl
-                result = Result(
-                    job.id,
-                    Result.Type.SUCCESSFUL,
-                    self.connection,
-                    return_value=attempt.result,
-                    worker_name=self.name,
-                    serializer=job.serializer,
-                    execution_id=execution.id,
-                    execution_started_at=execution.created_at,
-                    execution_ended_at=ended_at,
-                ).serialize()
-                args += [job.id, execution.id, *self._registry_keys[item.queue.name], ttl, len(result)]
-                for field, value in result.items():
-                    args += [field, value]
-            self._commit_successes(keys=[OPEN_REQUESTS_KEY, self.executions_key, self.key], args=args)
-        failed = [(item, attempt) for item, attempt in batch if attempt.result is None]
-        if failed:
-            self._commit_failures(failed, ended_at)
-
-    def _commit_failures(self, failed: list[tuple[InFlight, forwarding.Attempt]], ended_at: datetime) -> None:
-        """Retries (RQ's Job.retry: ScheduledJobRegistry, then back on the queue) or fails each request.
-
-        RQ rewrites the whole job hash here, so the jobs, claimed with only some fields, are loaded whole.
-        """
-        with self.connection.pipeline(transaction=False) as pipe:
-            for item, _ in failed:
-                pipe.hgetall(item.job.key)
-            for (item, _), raw in zip(failed, pipe.execute(), strict=True):
-                if raw:
-                    item.job.restore(raw)
-        with self.connection.pipeline() as pipe:
-            for item, attempt in failed:
-                job, execution = item.job, item.execution
-                job.ended_at = ended_at
-                execution.delete(job=job, pipeline=pipe)
-                error = attempt.error or "failed"
-                pipe.hset(job.key, LAST_ERROR_FIELD, error.strip().splitlines()[-1])
-                if attempt.retryable and job.retries_left:
-                    job.retry(item.queue, pipe)
-                    continue
-                ttl = job.failure_ttl or self.settings.failure_ttl
-                job.set_status(JobStatus.FAILED, pipeline=pipe)
-                job.failed_job_registry.add(job, ttl=ttl, exc_string=error, pipeline=pipe)
-                Result.create_failure(
-                    job,
-                    ttl,
-                    exc_string=error,
-                    worker_name=self.name,
-                    pipeline=pipe,
-                    execution_id=execution.id,
-                    execution_started_at=execution.created_at,
-                    execution_ended_at=ended_at,
+        """Records a batch of outcomes in one atomic call (_RECORD_OUTCOMES); safe to repeat."""
+        stamp, ended_at = time.time(), now()
+        args: list[Any] = [
+            utcformat(ended_at),
+            Job.redis_job_namespace_prefix,
+            Result.get_key(""),
+            EXECUTION_KEY_PREFIX,
+            EXECUTIONS_REGISTRY_PREFIX,
+        ]
+        for item, attempt in batch:
+            job, execution, registries = item.job, item.execution, self._registries[item.queue.name]
+            result: dict[str, Any] = {}
+            last_error, retries = "", ""
+            if attempt.result is not None:
+                status, registry, ttl = (
+                    JobStatus.FINISHED,
+                    registries.finished,
+                    job.result_ttl or self.settings.result_ttl,
                 )
-                pipe.zrem(OPEN_REQUESTS_KEY, job.id)
-            pipe.hincrby(self.key, "failed_job_count", len(failed))
-            pipe.execute()
+                result = self._result(item, Result.Type.SUCCESSFUL, ended_at, return_value=attempt.result)
+                score = stamp + ttl
+            else:
+                error = (attempt.error or "failed").strip()
+                last_error = error.splitlines()[-1]
+                if attempt.retryable and job.retries_left:
+                    # RQ's retry: wait the next of retry_intervals in the ScheduledJobRegistry.
+                    status, registry, ttl = JobStatus.SCHEDULED, registries.scheduled, 0
+                    score, retries = stamp + job.get_retry_interval(), job.retries_left - 1
+                else:
+                    status, registry, ttl = (
+                        JobStatus.FAILED,
+                        registries.failed,
+                        job.failure_ttl or self.settings.failure_ttl,
+                    )
+                    result = self._result(item, Result.Type.FAILED, ended_at, exc_string=error)
+                    score = stamp + ttl
+            args += [
+                status.value,
+                job.id,
+                execution.id,
+                registries.started,
+                registry,
+                score,
+                ttl,
+                last_error,
+                retries,
+                len(result),
+            ]
+            for field, value in result.items():
+                args += [field, value]
+        stale = self._record(keys=[OPEN_REQUESTS_KEY, self.executions_key, self.key], args=args)
+        if stale:
+            self.log.warning("Worker %s: %d outcomes came after recovery had taken their requests", self.name, stale)
+
+    def _result(self, item: InFlight, kind: Result.Type, ended_at: datetime, **outcome: Any) -> dict[str, Any]:
+        """The fields of RQ's Result stream entry for this attempt."""
+        return Result(
+            item.job.id,
+            kind,
+            self.connection,
+            worker_name=self.name,
+            serializer=item.job.serializer,
+            execution_id=item.execution.id,
+            execution_started_at=item.execution.created_at,
+            execution_ended_at=ended_at,
+            **outcome,
+        ).serialize()
 
     def _drain_and_stop(self) -> None:
         """Warm shutdown: lets claimed requests finish and be recorded before the threads end."""
@@ -553,13 +614,18 @@ class QueueWorker(BaseWorker):
                 keys=[k for q in self.queues for k in (ScheduledJobRegistry(queue=q).key, q.key)],
                 args=[time.time(), Job.redis_job_namespace_prefix],
             )
-        if self._every("recover", self.recover_interval) and self._lock("recover", self.recover_interval):
-            for q in self.queues:
-                # RQ's own recovery: a started request whose heartbeat lapsed is retried (if it has retries
-                # left) or failed. Stock RQ runs this every 10 minutes; we run it every few seconds.
-                StartedJobRegistry(q.name, connection=self.connection).cleanup(exception_handlers=self._exc_handlers)
-        if self._every("orphans", self.orphan_interval) and self._lock("orphans", self.orphan_interval):
-            self._recover_orphans()
+        if self._every("recover", self.recover_interval):
+            with self._lock("recover") as mine:
+                for q in self.queues if mine else ():
+                    # RQ's own recovery: a started request whose heartbeat lapsed is retried (if it has
+                    # retries left) or failed. Stock RQ runs this every 10 minutes; we run it every 5 s.
+                    StartedJobRegistry(q.name, connection=self.connection).cleanup(
+                        exception_handlers=self._exc_handlers
+                    )
+        if self._every("orphans", self.orphan_interval):
+            with self._lock("orphans") as mine:
+                if mine:
+                    self._recover_orphans()
         if self._every("maintenance", self.maintenance_interval):
             # RQ's own maintenance (expired entries of every registry, dead workers, stuck intermediate
             # queues), which RQ's work loop would run and ours replaces; plus the canceled registry,
@@ -570,9 +636,22 @@ class QueueWorker(BaseWorker):
                     CanceledJobRegistry(q.name, connection=self.connection).key, 0, time.time()
                 )
 
-    def _lock(self, name: str, seconds: float) -> bool:
-        """One worker at a time does each recovery task."""
-        return bool(self.connection.set(f"eas:lock:{name}", self.name, nx=True, px=int(seconds * 1000) - 100))
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[bool]:
+        """One worker at a time does each recovery task; yields whether this one holds the lock."""
+        key = f"eas:lock:{name}"
+        mine = bool(self.connection.set(key, self.name, nx=True, ex=60))
+        try:
+            yield mine
+        finally:
+            if mine:
+                self.connection.delete(key)
+
+    def _after_redis_outage(self) -> None:
+        """Every worker's heartbeats lapsed while Redis was away. Heartbeat first, and give the other
+        workers time to do the same before recovery may treat their requests as abandoned."""
+        self._due["heartbeat"] = 0
+        self._due["recover"] = self._due["orphans"] = time.monotonic() + self.heartbeat_ttl
 
     def _heartbeat(self) -> None:
         deadline = time.time() + self.heartbeat_ttl
@@ -582,16 +661,23 @@ class QueueWorker(BaseWorker):
             self.heartbeat(pipeline=pipe)
             self.set_state(WorkerStatus.BUSY if in_flight else WorkerStatus.IDLE, pipeline=pipe)
             for item in in_flight:
-                started_key = self._registry_keys[item.queue.name][0]
-                pipe.zadd(started_key, {item.execution.composite_key: deadline}, xx=True)
-                pipe.expire(item.execution.key, self.heartbeat_ttl)
+                # What RQ's Execution.heartbeat refreshes: the StartedJobRegistry entry, the Execution,
+                # and the job's ExecutionRegistry (which the orphan sweep reads).
+                execution, executions_key = item.execution, EXECUTIONS_REGISTRY_PREFIX + item.job.id
+                pipe.zadd(self._registries[item.queue.name].started, {execution.composite_key: deadline}, xx=True)
+                pipe.expire(execution.key, self.heartbeat_ttl)
+                pipe.zadd(executions_key, {execution.id: deadline + 60}, xx=True)
+                pipe.expire(executions_key, self.heartbeat_ttl + 60)
             pipe.execute()
 
     def _recover_orphans(self) -> None:
-        """Re-queues requests that say `queued` but are in no queue: popped by a worker that died before
-        it recorded them (stock RQ's multi-queue BLPOP, rq issue 1716). A request must look lost on two
-        sweeps in a row, `orphan_interval` apart, before it is re-queued; ended ones leave the index."""
-        cutoff = time.time() - self.orphan_age
+        """Re-queues requests that a crash left outside every queue and registry: `queued` but in no queue
+        (popped by a worker that died before recording it: stock RQ's multi-queue BLPOP, rq issue 1716),
+        `scheduled` but not waiting in the ScheduledJobRegistry, or `started` with no live Execution
+        (RQ wrote the status and died before the rest). A request must look lost on two sweeps in a row,
+        `orphan_interval` apart, before it is re-queued; requests that have ended leave the index."""
+        seconds, micros = self.connection.time()  # the clock the index was written with
+        cutoff = seconds + micros / 1e6 - self.orphan_age
         # The oldest open requests only: with a backlog those are queued at the front of their queue, and
         # a lost one is examined once the requests older than it have ended.
         oldest = self.connection.zrangebyscore(OPEN_REQUESTS_KEY, "-inf", cutoff, 0, self.orphan_batch)
@@ -602,24 +688,32 @@ class QueueWorker(BaseWorker):
             for job_id in ids:
                 pipe.hmget(Job.key_for(job_id), "status", "origin")
             states = pipe.execute()
-        ended, queued = [], {}
-        for job_id, (status, origin) in zip(ids, states, strict=False):
+        ended, open_ = [], {}
+        for job_id, (status, origin) in zip(ids, states, strict=True):
             if status is None or status.decode() in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
                 ended.append(job_id)
-            elif status.decode() == JobStatus.QUEUED and origin:
-                queued[job_id] = origin.decode()
+            elif origin:
+                open_[job_id] = (status.decode(), Queue(origin.decode(), connection=self.connection))
         if ended:
             self.connection.zrem(OPEN_REQUESTS_KEY, *ended)
-        waiting: set[str] = set()
-        if queued:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for name in set(queued.values()):
-                    q = Queue(name, connection=self.connection)
-                    pipe.lrange(q.key, 0, -1)
-                    pipe.lrange(q.intermediate_queue_key, 0, -1)
-                for ids_in_list in pipe.execute():
-                    waiting.update(i.decode() for i in ids_in_list)
-        suspects = {job_id for job_id in queued if job_id not in waiting}
+        with self.connection.pipeline(transaction=False) as pipe:
+            for q in {q.name: q for _, q in open_.values()}.values():
+                pipe.lrange(q.key, 0, -1)
+                pipe.lrange(q.intermediate_queue_key, 0, -1)
+            waiting = {i.decode() for ids_in_list in pipe.execute() for i in ids_in_list}
+            for job_id, (_, q) in open_.items():
+                pipe.zscore(q.scheduled_job_registry.key, job_id)
+                pipe.zcard(EXECUTIONS_REGISTRY_PREFIX + job_id)
+            found = pipe.execute()
+        suspects = set()
+        for (job_id, (status, _)), retry_at, executions in zip(open_.items(), found[::2], found[1::2], strict=True):
+            lost = (
+                (status == JobStatus.QUEUED and job_id not in waiting)
+                or (status == JobStatus.SCHEDULED and retry_at is None)
+                or (status == JobStatus.STARTED and not executions)
+            )
+            if lost:
+                suspects.add(f"{job_id}:{status}")
         # The previous sweep's suspects live in Redis, since the next sweep may run in another worker.
         with self.connection.pipeline() as pipe:
             pipe.smembers(ORPHAN_SUSPECTS_KEY)
@@ -628,9 +722,14 @@ class QueueWorker(BaseWorker):
                 pipe.sadd(ORPHAN_SUSPECTS_KEY, *suspects)
                 pipe.expire(ORPHAN_SUSPECTS_KEY, int(self.orphan_interval * 3))
             previous = {i.decode() for i in pipe.execute()[0]}
-        for job_id in suspects & previous:
-            if self._requeue_orphan(keys=[Job.key_for(job_id), queue_key(queued[job_id])], args=[job_id]):
-                self.log.warning("Worker %s: request %s was in no queue; queued it again", self.name, job_id)
+        for suspect in suspects & previous:
+            job_id, status = suspect.split(":")
+            q = open_[job_id][1]
+            keys = [Job.key_for(job_id), q.key, q.scheduled_job_registry.key, EXECUTIONS_REGISTRY_PREFIX + job_id]
+            if self._requeue_orphan(keys=keys, args=[job_id, status]):
+                self.log.warning(
+                    "Worker %s: request %s (%s) was in no queue; queued it again", self.name, job_id, status
+                )
 
     # -- start and end ----------------------------------------------------------------------------
 

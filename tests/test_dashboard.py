@@ -43,3 +43,21 @@ def test_dashboard_errors_are_json_not_tracebacks(api, db):
     assert missing.json() == {"error": "not found"}
     instance = requests.get(api.url + "/rq/7/data/queues.json", auth=auth, timeout=5)
     assert instance.status_code == 404
+
+
+def test_dashboard_actions_must_come_from_its_own_pages(api, workers, db):
+    """Browsers resend Basic credentials to cross-site forms and images: actions need this host's Origin."""
+    request_id = api.submit_ok(params={"status": "400"})
+    workers.start()
+    api.wait_status(request_id, "FAILURE")
+    auth = ("ops", TOKEN)
+    requeue = f"{api.url}/rq/job/{request_id}/requeue"
+    for headers in ({}, {"Origin": "http://evil.example"}, {"Referer": "http://evil.example/page"}):
+        refused = requests.post(requeue, auth=auth, headers=headers, timeout=5)
+        assert refused.status_code == 403, headers
+        assert "error" in refused.json()
+    image = requests.get(f"{api.url}/rq/requeue/default", auth=auth, timeout=5)  # an <img src=...> elsewhere
+    assert image.status_code == 403
+    assert api.state(request_id)["status"] == "FAILURE"  # nothing was requeued
+    ok = requests.post(requeue, auth=auth, headers={"Referer": f"{api.url}/rq/0/view/jobs"}, timeout=5)
+    assert ok.status_code == 200

@@ -128,6 +128,33 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_nothing(tmp_pa
         server.kill()
 
 
+def test_redis_down_longer_than_a_heartbeat_does_not_count_as_dead_workers(tmp_path, model):
+    """Heartbeats lapse while Redis is away; once it is back, workers heartbeat before anyone recovers,
+    so requests in flight during the outage are recorded by their own worker and forwarded once."""
+    with model.lock:
+        model.received.clear()
+    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
+    env = service_env(server.url, model.url)
+    api = Api(env)
+    pool = Workers(env, server.url)
+    try:
+        pool.start(count=2)
+        wait_for(lambda: server.client().scard("rq:workers") == 2, 30, "both workers to be running")
+        ids = [api.submit_ok(params={"delay": "1"}) for _ in range(12)]
+        wait_for(lambda: len(model.received) == 12, 15, "12 requests in flight at the model")
+        server.kill()
+        time.sleep(20)  # the outage: longer than the 15 s a request stays started without a heartbeat
+        server = RedisServer(server.directory, appendfsync="always", port=server.port).start()
+        states = [api.wait_status(request_id, TERMINAL, timeout=60) for request_id in ids]
+        assert [state["status"] for state in states] == ["SUCCESS"] * 12
+        assert Counter(model.ids()) == Counter(ids)  # each forwarded exactly once
+        assert [state["attempts"] for state in states] == [1] * 12
+    finally:
+        pool.stop_all()
+        api.stop()
+        server.kill()
+
+
 def test_a_model_outage_ends_every_request_in_success_or_a_failure_saying_why(make_api, workers, model, db):
     api = make_api(retry_intervals="1,2")
     ids = [api.submit_ok(params={"delay": "0.02"}, body=str(n).encode()) for n in range(200)]

@@ -203,3 +203,38 @@ def test_the_job_hash_is_exactly_what_rq_would_write(redis_server, db):
         rqs = {k: v for k, v in job.to_dict().items() if v != ""}
         assert zlib.decompress(ours.pop("data")) == zlib.decompress(rqs.pop("data"))  # compressed differently
         assert ours == rqs
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(api, db):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as client:
+        head = f"POST /api/predict/svc HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nContent-Length: 100\r\n\r\n"
+        client.sendall(head.encode() + b"only-part-of-it")
+        client.shutdown(socket.SHUT_WR)  # the client goes away mid-body
+        answer = b""
+        while chunk := client.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"body ended after 15 of 100 bytes" in answer
+    assert nothing_enqueued(db)
+
+
+def test_the_job_is_what_rqs_own_enqueue_writes(redis_server, db):
+    """The hash our Lua enqueue writes equals what RQ's Queue.enqueue_job writes for the same job."""
+    from rq import Queue
+
+    settings = load_settings({"EAS_QUEUE_REDIS_URL": redis_server.url})
+    enqueuer = Enqueuer(db, settings)
+    submission = Submission("svc", "", (), "application/json", b'{"a": 1}', False, None, None)
+    request_id = enqueuer.enqueue(submission).request_id
+    ours = db.hgetall(f"rq:job:{request_id}")
+    job = enqueuer.build_job(submission)
+    Queue("default", connection=db).enqueue_job(job)
+    rqs = {k: v for k, v in db.hgetall(job.key).items() if v != b""}  # RQ also writes its empty fields
+    ours.pop(b"eas_service")
+    for moment in (b"created_at", b"enqueued_at"):  # written at different instants
+        assert ours.pop(moment) and rqs.pop(moment)
+    assert zlib.decompress(ours.pop(b"data")) == zlib.decompress(rqs.pop(b"data"))
+    assert ours == rqs
+    assert Job.fetch(request_id, connection=db).args == job.args
