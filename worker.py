@@ -26,7 +26,7 @@ from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT, RQ_
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus, get_current_job
 from rq.queue import Queue
-from rq.registry import CanceledJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.utils import now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
@@ -264,10 +264,10 @@ class QueueWorker(BaseWorker):
     """An RQ worker that forwards `worker_concurrency` requests at a time from one process.
 
     Threads do the HTTP calls; the main thread claims requests (strict priority, atomically recorded as
-    started) and keeps heartbeats; one committer thread writes outcomes to Redis in batches, through RQ's
-    own registries, results and retries. No fork and no import per job. It also does the upkeep that
-    stock RQ leaves to `--with-scheduler` and a 10-minute maintenance cycle: due retries are re-queued
-    within a second, and requests of a dead worker are retried once their heartbeat lapses (seconds).
+    started) and keeps heartbeats; one committer thread records outcomes in batches, one Lua call each,
+    into RQ's own registries, results and retry schedule. No fork and no import per job. It also does the
+    upkeep that stock RQ leaves to `--with-scheduler` and a 10-minute maintenance cycle: due retries are
+    re-queued within a second, and requests of a dead worker are retried once their heartbeat lapses.
     """
 
     heartbeat_ttl = 15  # seconds a claimed request stays "started" without a heartbeat from its worker
@@ -518,57 +518,34 @@ class QueueWorker(BaseWorker):
     def _commit(self, batch: list[tuple[InFlight, forwarding.Attempt]]) -> None:
         """Records a batch of outcomes in one atomic call (_RECORD_OUTCOMES); safe to repeat."""
         stamp, ended_at = time.time(), now()
-        args: list[Any] = [
-            utcformat(ended_at),
-            Job.redis_job_namespace_prefix,
-            Result.get_key(""),
-            EXECUTION_KEY_PREFIX,
-            EXECUTIONS_REGISTRY_PREFIX,
-        ]
+        args: list[Any] = [utcformat(ended_at), Job.redis_job_namespace_prefix, Result.get_key("")]
+        args += [EXECUTION_KEY_PREFIX, EXECUTIONS_REGISTRY_PREFIX]
         for item, attempt in batch:
-            job, execution, registries = item.job, item.execution, self._registries[item.queue.name]
-            result: dict[str, Any] = {}
-            last_error, retries = "", ""
-            if attempt.result is not None:
-                status, registry, ttl = (
-                    JobStatus.FINISHED,
-                    registries.finished,
-                    job.result_ttl or self.settings.result_ttl,
-                )
-                result = self._result(item, Result.Type.SUCCESSFUL, ended_at, return_value=attempt.result)
-                score = stamp + ttl
-            else:
-                error = (attempt.error or "failed").strip()
-                last_error = error.splitlines()[-1]
-                if attempt.retryable and job.retries_left:
-                    # RQ's retry: wait the next of retry_intervals in the ScheduledJobRegistry.
-                    status, registry, ttl = JobStatus.SCHEDULED, registries.scheduled, 0
-                    score, retries = stamp + job.get_retry_interval(), job.retries_left - 1
-                else:
-                    status, registry, ttl = (
-                        JobStatus.FAILED,
-                        registries.failed,
-                        job.failure_ttl or self.settings.failure_ttl,
-                    )
-                    result = self._result(item, Result.Type.FAILED, ended_at, exc_string=error)
-                    score = stamp + ttl
-            args += [
-                status.value,
-                job.id,
-                execution.id,
-                registries.started,
-                registry,
-                score,
-                ttl,
-                last_error,
-                retries,
-                len(result),
-            ]
-            for field, value in result.items():
-                args += [field, value]
+            status, registry, score, ttl, last_error, retries, result = self._outcome(item, attempt, stamp, ended_at)
+            started = self._registries[item.queue.name].started
+            args += [status.value, item.job.id, item.execution.id, started, registry, score, ttl, last_error]
+            args += [retries, len(result), *(part for pair in result.items() for part in pair)]
         stale = self._record(keys=[OPEN_REQUESTS_KEY, self.executions_key, self.key], args=args)
         if stale:
             self.log.warning("Worker %s: %d outcomes came after recovery had taken their requests", self.name, stale)
+
+    def _outcome(self, item: InFlight, attempt: forwarding.Attempt, stamp: float, ended_at: datetime) -> tuple:
+        """What to record: (status, registry it moves to, its score there, ttl, last error, retries left,
+        Result entry), as RQ's worker would for a success, a retry and a failure."""
+        job, registries = item.job, self._registries[item.queue.name]
+        if attempt.result is not None:
+            ttl = job.result_ttl or self.settings.result_ttl
+            result = self._result(item, Result.Type.SUCCESSFUL, ended_at, return_value=attempt.result)
+            return JobStatus.FINISHED, registries.finished, stamp + ttl, ttl, "", "", result
+        error = (attempt.error or "failed").strip()
+        last_error = error.splitlines()[-1]
+        if attempt.retryable and job.retries_left:
+            # RQ's retry: wait the next of retry_intervals in the ScheduledJobRegistry.
+            wait = job.get_retry_interval()
+            return JobStatus.SCHEDULED, registries.scheduled, stamp + wait, 0, last_error, job.retries_left - 1, {}
+        ttl = job.failure_ttl or self.settings.failure_ttl
+        result = self._result(item, Result.Type.FAILED, ended_at, exc_string=error)
+        return JobStatus.FAILED, registries.failed, stamp + ttl, ttl, last_error, "", result
 
     def _result(self, item: InFlight, kind: Result.Type, ended_at: datetime, **outcome: Any) -> dict[str, Any]:
         """The fields of RQ's Result stream entry for this attempt."""
@@ -611,7 +588,7 @@ class QueueWorker(BaseWorker):
             self._heartbeat()
         if self._every("promote", self.promote_interval):
             self._promote(
-                keys=[k for q in self.queues for k in (ScheduledJobRegistry(queue=q).key, q.key)],
+                keys=[k for q in self.queues for k in (self._registries[q.name].scheduled, q.key)],
                 args=[time.time(), Job.redis_job_namespace_prefix],
             )
         if self._every("recover", self.recover_interval):
@@ -632,9 +609,7 @@ class QueueWorker(BaseWorker):
             # whose entries we score by expiry.
             self.clean_registries()
             for q in self.queues:
-                self.connection.zremrangebyscore(
-                    CanceledJobRegistry(q.name, connection=self.connection).key, 0, time.time()
-                )
+                self.connection.zremrangebyscore(self._registries[q.name].canceled, 0, time.time())
 
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[bool]:
