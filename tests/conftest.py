@@ -176,6 +176,11 @@ class Api:
             timeout=10,
         )
 
+    def cancel(self, request_id: str, service: str = "svc") -> requests.Response:
+        return requests.delete(
+            f"{self.url}/api/predict/{service}/sink", params={"request_id": request_id}, headers=AUTH, timeout=10
+        )
+
     def state(self, request_id: str, service: str = "svc") -> dict:
         response = self.sink(request_id, service)
         assert response.status_code in (200, 202), response.text

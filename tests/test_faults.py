@@ -10,11 +10,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Api, RedisServer, Workers, service_env, wait_for
+from tests.model_server import ModelServer
 
 TERMINAL = ("SUCCESS", "FAILURE", "CANCELED", "EXPIRED")
 
@@ -84,20 +87,45 @@ def test_a_request_popped_by_a_process_that_died_is_run_again(api, workers, mode
     assert len(model.requests_for(request_id)) == 1
 
 
-def test_redis_killed_and_restarted_with_appendfsync_always_loses_nothing(tmp_path, model):
+class DurableStack:
+    """A Redis of its own with `appendfsync always`, and an API and workers on it, for killing Redis."""
+
+    def __init__(self, directory: Path, model: ModelServer) -> None:
+        self.redis = RedisServer(directory, appendfsync="always").start()
+        env = service_env(self.redis.url, model.url)
+        self.api, self.workers = Api(env), Workers(env, self.redis.url)
+
+    def start_workers(self, count: int) -> list[subprocess.Popen]:
+        started = self.workers.start(count=count)
+        wait_for(lambda: self.redis.client().scard("rq:workers") == count, 30, "the workers to be running")
+        return started
+
+    def restart_redis(self) -> None:
+        self.redis = RedisServer(self.redis.directory, appendfsync="always", port=self.redis.port).start()
+
+    def stop(self) -> None:
+        self.workers.stop_all()
+        self.api.stop()
+        self.redis.kill()
+
+
+@pytest.fixture
+def durable(tmp_path: Path, model: ModelServer) -> Iterator[DurableStack]:
     with model.lock:
         model.received.clear()
-    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
-    env = service_env(server.url, model.url)
-    api = Api(env)
-    pool = Workers(env, server.url)
+    stack = DurableStack(tmp_path / "redis", model)
+    yield stack
+    stack.stop()
+
+
+def test_redis_killed_and_restarted_with_appendfsync_always_loses_nothing(durable):
     accepted: list[str] = []
     lock = threading.Lock()
 
     def submit(n: int) -> None:
         while True:  # a client retries what was not accepted (503 while Redis is down)
             try:
-                response = api.submit(params={"delay": "0.02"}, body=str(n).encode())
+                response = durable.api.submit(params={"delay": "0.02"}, body=str(n).encode())
             except OSError:
                 continue
             if response.status_code == 200:
@@ -105,54 +133,36 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_nothing(tmp_pa
                     accepted.append(response.text)
                 return
 
-    try:
-        workers = pool.start(count=2)
-        wait_for(lambda: server.client().scard("rq:workers") == 2, 30, "both workers to be running")
-        with ThreadPoolExecutor(16) as submitters:
-            futures = [submitters.submit(submit, n) for n in range(500)]
-            wait_for(lambda: len(accepted) >= 200, 60, "200 accepted requests")
-            server.kill()
-            server = RedisServer(server.directory, appendfsync="always", port=server.port).start()
-            for future in futures:
-                future.result()
-        assert len(accepted) == 500
-        for request_id in accepted:
-            api.wait_status(request_id, TERMINAL, timeout=90)
-        statuses = Counter(api.state(request_id)["status"] for request_id in accepted)
-        assert statuses == {"SUCCESS": 500}
-        assert api.process.poll() is None  # the API and the workers rode through, not restarted
-        assert all(worker.poll() is None for worker in workers)
-    finally:
-        pool.stop_all()
-        api.stop()
-        server.kill()
+    workers = durable.start_workers(2)
+    with ThreadPoolExecutor(16) as submitters:
+        futures = [submitters.submit(submit, n) for n in range(500)]
+        wait_for(lambda: len(accepted) >= 200, 60, "200 accepted requests")
+        durable.redis.kill()
+        durable.restart_redis()
+        for future in futures:
+            future.result()
+    assert len(accepted) == 500
+    for request_id in accepted:
+        durable.api.wait_status(request_id, TERMINAL, timeout=90)
+    statuses = Counter(durable.api.state(request_id)["status"] for request_id in accepted)
+    assert statuses == {"SUCCESS": 500}
+    assert durable.api.process.poll() is None  # the API and the workers rode through, not restarted
+    assert all(worker.poll() is None for worker in workers)
 
 
-def test_redis_down_longer_than_a_heartbeat_does_not_count_as_dead_workers(tmp_path, model):
+def test_redis_down_longer_than_a_heartbeat_does_not_count_as_dead_workers(durable, model):
     """Heartbeats lapse while Redis is away; once it is back, workers heartbeat before anyone recovers,
     so requests in flight during the outage are recorded by their own worker and forwarded once."""
-    with model.lock:
-        model.received.clear()
-    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
-    env = service_env(server.url, model.url)
-    api = Api(env)
-    pool = Workers(env, server.url)
-    try:
-        pool.start(count=2)
-        wait_for(lambda: server.client().scard("rq:workers") == 2, 30, "both workers to be running")
-        ids = [api.submit_ok(params={"delay": "1"}) for _ in range(12)]
-        wait_for(lambda: len(model.received) == 12, 15, "12 requests in flight at the model")
-        server.kill()
-        time.sleep(20)  # the outage: longer than the 15 s a request stays started without a heartbeat
-        server = RedisServer(server.directory, appendfsync="always", port=server.port).start()
-        states = [api.wait_status(request_id, TERMINAL, timeout=60) for request_id in ids]
-        assert [state["status"] for state in states] == ["SUCCESS"] * 12
-        assert Counter(model.ids()) == Counter(ids)  # each forwarded exactly once
-        assert [state["attempts"] for state in states] == [1] * 12
-    finally:
-        pool.stop_all()
-        api.stop()
-        server.kill()
+    durable.start_workers(2)
+    ids = [durable.api.submit_ok(params={"delay": "1"}) for _ in range(12)]
+    wait_for(lambda: len(model.received) == 12, 15, "12 requests in flight at the model")
+    durable.redis.kill()
+    time.sleep(20)  # the outage: longer than the 15 s a request stays started without a heartbeat
+    durable.restart_redis()
+    states = [durable.api.wait_status(request_id, TERMINAL, timeout=60) for request_id in ids]
+    assert [state["status"] for state in states] == ["SUCCESS"] * 12
+    assert Counter(model.ids()) == Counter(ids)  # each forwarded exactly once
+    assert [state["attempts"] for state in states] == [1] * 12
 
 
 def test_a_model_outage_ends_every_request_in_success_or_a_failure_saying_why(make_api, workers, model, db):

@@ -99,12 +99,7 @@ def test_queue_ttl_setting_and_ttl_parameter_can_only_shorten_it(make_api, worke
 def test_cancel_a_queued_request(api, workers, model, db):
     request_id = api.submit_ok()
     keep = api.submit_ok()
-    canceled = requests.delete(
-        f"{api.url}/api/predict/svc/sink",
-        params={"request_id": request_id},
-        headers={"Authorization": TOKEN},
-        timeout=5,
-    )
+    canceled = api.cancel(request_id)
     assert canceled.status_code == 200
     assert canceled.json()["status"] == "CANCELED"
     assert [i.decode() for i in db.lrange("rq:queue:default", 0, -1)] == [keep]
@@ -112,12 +107,7 @@ def test_cancel_a_queued_request(api, workers, model, db):
     api.wait_status(keep, "SUCCESS")
     assert api.state(request_id)["status"] == "CANCELED"
     assert model.requests_for(request_id) == []
-    again = requests.delete(
-        f"{api.url}/api/predict/svc/sink",
-        params={"request_id": request_id},
-        headers={"Authorization": TOKEN},
-        timeout=5,
-    )
+    again = api.cancel(request_id)
     assert again.status_code == 409
 
 
@@ -126,12 +116,7 @@ def test_cancel_a_request_waiting_for_its_retry(make_api, workers, model, db):
     request_id = api.submit_ok(params={"fail_first": "1"})
     workers.start()
     api.wait_status(request_id, "RETRY")
-    response = requests.delete(
-        f"{api.url}/api/predict/svc/sink",
-        params={"request_id": request_id},
-        headers={"Authorization": TOKEN},
-        timeout=5,
-    )
+    response = api.cancel(request_id)
     assert response.status_code == 200
     assert response.json()["status"] == "CANCELED"
     assert db.zcard("rq:scheduled:default") == 0
@@ -142,25 +127,17 @@ def test_cancel_a_request_waiting_for_its_retry(make_api, workers, model, db):
 
 
 def test_cancel_refuses_running_finished_and_unknown_requests(api, workers, db):
-    def cancel(request_id, service="svc"):
-        return requests.delete(
-            f"{api.url}/api/predict/{service}/sink",
-            params={"request_id": request_id},
-            headers={"Authorization": TOKEN},
-            timeout=5,
-        )
-
     running = api.submit_ok(params={"delay": "2"})
     workers.start()
     api.wait_status(running, "STARTED")
-    refused = cancel(running)
+    refused = api.cancel(running)
     assert refused.status_code == 409
     assert refused.json()["status"] == "STARTED"
     assert api.wait_status(running, "SUCCESS")["status"] == "SUCCESS"
-    assert cancel(running).status_code == 409
-    assert cancel("00000000-0000-4000-8000-000000000000").status_code == 404
-    assert cancel(running, service="another").status_code == 404
-    assert cancel("nope").status_code == 400
+    assert api.cancel(running).status_code == 409
+    assert api.cancel("00000000-0000-4000-8000-000000000000").status_code == 404
+    assert api.cancel(running, service="another").status_code == 404
+    assert api.cancel("nope").status_code == 400
 
 
 def test_failed_requests_are_dead_letters_that_can_be_requeued_from_the_dashboard(api, workers, model, db):
