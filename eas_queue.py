@@ -22,6 +22,7 @@ import redis
 import rq_dashboard
 from flask import Flask, Response, jsonify, request
 from rq.exceptions import NoSuchJobError
+from rq.utils import utcformat
 from werkzeug.exceptions import HTTPException
 
 import forwarding
@@ -148,7 +149,8 @@ def _read_body(limit: int) -> bytes:
 
 
 def _iso(moment: float | None) -> str | None:
-    return datetime.fromtimestamp(moment, tz=UTC).isoformat() if moment else None
+    """A unix time in the format of RQ's own timestamps (enqueued_at and the others)."""
+    return utcformat(datetime.fromtimestamp(moment, tz=UTC)) if moment else None
 
 
 def _state_body(state: queueing.RequestState) -> dict[str, Any]:

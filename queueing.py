@@ -224,6 +224,7 @@ class Enqueuer:
 
 # --- sink -----------------------------------------------------------------------------------------
 
+_SCHEDULED_KEYS = [ScheduledJobRegistry.key_template.format(name) for name in QUEUE_NAMES]
 _VIEW_FIELDS = (
     "status",
     "origin",
@@ -280,8 +281,8 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
         pipe.hmget(job_key, _VIEW_FIELDS)
         pipe.xrevrange(Result.get_key(request_id), "+", "-", count=1)
         pipe.time()
-        for name in QUEUE_NAMES:
-            pipe.zscore(ScheduledJobRegistry(name, connection=connection).key, request_id)
+        for key in _SCHEDULED_KEYS:
+            pipe.zscore(key, request_id)
         fields, results, (seconds, micros), *retry_times = pipe.execute()
     raw = dict(zip(_VIEW_FIELDS, fields, strict=False))
     if not raw["status"] or not raw[SERVICE_FIELD]:
@@ -316,20 +317,7 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
     return RequestState(status="PENDING", error=_text(raw[LAST_ERROR_FIELD]), **common)
 
 
-# --- ending a request that never ran --------------------------------------------------------------
-
-
-def end_unstarted(pipe: redis.client.Pipeline, job: Job, outcome: str, ttl: int) -> None:
-    """Queues the writes that end a queued or retry-waiting request as CANCELED (or EXPIRED) on `pipe`.
-
-    RQ's own Job.cancel moves it to the CanceledJobRegistry; we keep it readable for `ttl` seconds.
-    `pipe` must be WATCHing the job key and in MULTI.
-    """
-    job.cancel(pipeline=pipe)
-    pipe.hset(job.key, mapping={OUTCOME_FIELD: outcome, "ended_at": utcformat(now())})
-    pipe.expire(job.key, ttl)
-    pipe.zadd(CanceledJobRegistry(job.origin, connection=job.connection).key, {job.id: time.time() + ttl})
-    pipe.zrem(OPEN_REQUESTS_KEY, job.id)
+# --- cancel ---------------------------------------------------------------------------------------
 
 
 def cancel(connection: redis.Redis, request_id: str, ttl: int) -> str:
@@ -348,7 +336,13 @@ def cancel(connection: redis.Redis, request_id: str, ttl: int) -> str:
                     return "ended"
                 job = Job.fetch(request_id, connection=connection)
                 pipe.multi()
-                end_unstarted(pipe, job, "canceled", ttl)
+                # RQ's own Job.cancel: out of its queue or the ScheduledJobRegistry, into the Canceled one.
+                # It stays readable at the sink for `ttl` seconds, scored in that registry by its expiry.
+                job.cancel(pipeline=pipe)
+                pipe.hset(job_key, mapping={OUTCOME_FIELD: "canceled", "ended_at": utcformat(now())})
+                pipe.expire(job_key, ttl)
+                pipe.zadd(CanceledJobRegistry(job.origin, connection=connection).key, {request_id: time.time() + ttl})
+                pipe.zrem(OPEN_REQUESTS_KEY, request_id)
                 pipe.execute()
                 return "canceled"
             except redis.WatchError:

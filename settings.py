@@ -168,7 +168,7 @@ def _from_env_text(key: str, text: str) -> Any:
         if lowered in ("0", "false", "no", "off", ""):
             return False
         raise SettingsError(key, f"must be true or false, not {text!r}")
-    if CHECKS[key] in (_redis_url, _http_url, _tokens):
+    if key in ("redis_url", "target_api_base_url"):
         return text
     return _env_number(key, text)
 

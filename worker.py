@@ -99,7 +99,7 @@ def forward(
 # popped without a trace (the gap of rq issue 1716). A request whose queue deadline passed ends EXPIRED
 # here, unforwarded. Returns {queue index, job id, execution id, the CLAIM_FIELDS of the job} per claimed
 # request: only what forwarding needs (parsing RQ's four timestamps per job cost more than forwarding).
-CLAIM_FIELDS = ("data", "origin", "status", "retries_left", "retry_intervals", "timeout", "result_ttl", "failure_ttl")
+CLAIM_FIELDS = ("data", "origin", "retries_left", "retry_intervals", "result_ttl", "failure_ttl")
 _CLAIM = """
 -- KEYS: 1 open-requests index, 2 worker's execution set, then per queue: list, StartedJobRegistry, CanceledJobRegistry
 -- ARGV: 1 how many, 2 now (unix), 3 now (RQ text), 4 heartbeat deadline, 5 heartbeat ttl, 6 worker name,
@@ -663,21 +663,22 @@ class QueueWorker(BaseWorker):
             for job_id in ids:
                 pipe.hmget(Job.key_for(job_id), "status", "origin")
             states = pipe.execute()
+        queues = {q.name: q for q in self.queues}
         ended, open_ = [], {}
         for job_id, (status, origin) in zip(ids, states, strict=True):
             if status is None or status.decode() in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
                 ended.append(job_id)
-            elif origin:
-                open_[job_id] = (status.decode(), Queue(origin.decode(), connection=self.connection))
+            elif origin and origin.decode() in queues:
+                open_[job_id] = (status.decode(), queues[origin.decode()])
         if ended:
             self.connection.zrem(OPEN_REQUESTS_KEY, *ended)
         with self.connection.pipeline(transaction=False) as pipe:
-            for q in {q.name: q for _, q in open_.values()}.values():
+            for q in self.queues:
                 pipe.lrange(q.key, 0, -1)
                 pipe.lrange(q.intermediate_queue_key, 0, -1)
             waiting = {i.decode() for ids_in_list in pipe.execute() for i in ids_in_list}
             for job_id, (_, q) in open_.items():
-                pipe.zscore(q.scheduled_job_registry.key, job_id)
+                pipe.zscore(self._registries[q.name].scheduled, job_id)
                 pipe.zcard(EXECUTIONS_REGISTRY_PREFIX + job_id)
             found = pipe.execute()
         suspects = set()
@@ -700,7 +701,7 @@ class QueueWorker(BaseWorker):
         for suspect in suspects & previous:
             job_id, status = suspect.split(":")
             q = open_[job_id][1]
-            keys = [Job.key_for(job_id), q.key, q.scheduled_job_registry.key, EXECUTIONS_REGISTRY_PREFIX + job_id]
+            keys = [Job.key_for(job_id), q.key, self._registries[q.name].scheduled, EXECUTIONS_REGISTRY_PREFIX + job_id]
             if self._requeue_orphan(keys=keys, args=[job_id, status]):
                 self.log.warning(
                     "Worker %s: request %s (%s) was in no queue; queued it again", self.name, job_id, status

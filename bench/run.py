@@ -97,36 +97,25 @@ class Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        only = tuple(part.strip() for part in args.only.split(",") if part.strip())
-        if args.quick:
-            return cls(
-                repeats=args.repeats or 1,
-                quick=True,
-                concurrency=args.concurrency,
-                wrk_seconds=1,
-                warmup_seconds=0,
-                fast_jobs=300,
-                stock_jobs=20,
-                slow_jobs=300,
-                raw_seconds=1.0,
-                latency_requests=20,
-                memory_requests=300,
-                only=only,
-            )
+        sizes = QUICK_SIZES if args.quick else FULL_SIZES
         return cls(
-            repeats=args.repeats or 3,
-            quick=False,
+            repeats=args.repeats or (1 if args.quick else 3),
+            quick=args.quick,
             concurrency=args.concurrency,
-            wrk_seconds=4,
-            warmup_seconds=2,
-            fast_jobs=20000,
-            stock_jobs=400,
-            slow_jobs=10000,
-            raw_seconds=5.0,
-            latency_requests=200,
-            memory_requests=5000,
-            only=only,
+            only=tuple(part.strip() for part in args.only.split(",") if part.strip()),
+            **sizes,
         )
+
+
+# Sizes of each measurement: a full run, and --quick, a smoke test.
+FULL_SIZES: dict[str, Any] = dict(
+    wrk_seconds=4, warmup_seconds=2, fast_jobs=20000, stock_jobs=400, slow_jobs=10000, raw_seconds=5.0,
+    latency_requests=200, memory_requests=5000,
+)  # fmt: skip
+QUICK_SIZES: dict[str, Any] = dict(
+    wrk_seconds=1, warmup_seconds=0, fast_jobs=300, stock_jobs=20, slow_jobs=300, raw_seconds=1.0,
+    latency_requests=20, memory_requests=300,
+)  # fmt: skip
 
 
 # --- processes ------------------------------------------------------------------------------------
