@@ -11,16 +11,27 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode
 
 import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
+from urllib3.exceptions import HTTPError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
 SUBPATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.~-]{1,128}$")
 MAX_SUBPATH_LENGTH = 1024
 ERROR_SNIPPET = 200
+
+
+class ModelRequest(NamedTuple):
+    """What is forwarded to the model. A job stores it as worker.forward's arguments, a plain tuple."""
+
+    service: str
+    subpath: str
+    query: tuple[tuple[str, str], ...]
+    content_type: str | None
+    body: bytes
 
 
 def is_subpath(subpath: str) -> bool:
@@ -96,33 +107,24 @@ def connections() -> urllib3.PoolManager:
     return _pools.pool
 
 
-def send(
-    base_url: str,
-    request_id: str,
-    service: str,
-    subpath: str,
-    query: tuple[tuple[str, str], ...],
-    content_type: str | None,
-    body: bytes,
-    timeout: float,
-) -> Attempt:
+def send(base_url: str, request_id: str, request: ModelRequest, timeout: float) -> Attempt:
     """POSTs the request to the model once. Connection errors, timeouts, 5xx and 429 are retryable."""
     headers = {REQUEST_ID_HEADER: request_id}
-    if content_type:
-        headers["Content-Type"] = content_type
-    url = model_url(base_url, service, subpath, query)
+    if request.content_type:
+        headers["Content-Type"] = request.content_type
+    url = model_url(base_url, request.service, request.subpath, request.query)
     try:
         response = connections().request(
             "POST",
             url,
-            body=body,
+            body=request.body,
             headers=headers,
             timeout=urllib3.Timeout(connect=timeout, read=timeout),
             redirect=False,
         )
-    except NewConnectionError as error:  # (a subclass of TimeoutError in urllib3, so caught first)
+    except NewConnectionError as error:  # (a subclass of urllib3's TimeoutError, so caught first)
         return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)
-    except TimeoutError:
+    except Urllib3Timeout:
         return Attempt(error=f"the model did not answer within {timeout:g}s", retryable=True)
     except HTTPError as error:
         return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)

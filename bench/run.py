@@ -47,6 +47,7 @@ RESULTS = BENCH / "results"
 BIN = Path(sys.executable).parent  # the venv's bin: gunicorn, rq
 sys.path.insert(0, str(ROOT))
 
+import keys  # noqa: E402
 import queueing  # noqa: E402
 from settings import load_settings  # noqa: E402
 
@@ -606,7 +607,7 @@ def measure_enqueue(stack: Stack, cfg: Config) -> Row:
     bare, bare_url = start_gunicorn(stack, "bare-app", "bare_app:app", BENCH, bare_env)
     client = stack.client()
     targets = {
-        "app": (stack.api_url, lambda: client.llen(queueing.queue_key("default"))),
+        "app": (stack.api_url, lambda: client.llen(keys.queue_keys("default").queue)),
         "bare": (bare_url, lambda: client.llen("bare:queue")),
     }
     rates: dict[str, list[float]] = {"app": [], "bare": []}
@@ -719,7 +720,7 @@ def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool, model: subp
     if bad_exits:
         raise BenchError(f"a burst worker exited with {bad_exits}: {stack.procs.log_tail(workers[0], 3)!r}")
     finished, failed = client.zcard(finished_key), client.zcard(failed_key)
-    left = client.llen(queueing.queue_key("default"))
+    left = client.llen(keys.queue_keys("default").queue)
     if finished != jobs or failed or left:
         raise BenchError(f"after the drain: {finished}/{jobs} finished, {failed} failed, {left} still queued")
     starts, ends = [], []

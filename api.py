@@ -1,0 +1,191 @@
+"""The queue's HTTP API: submit, read the sink, cancel, and health. Small views over queueing.py and
+lifecycle.py; each validation failure is an ApiError, answered as JSON by errors.py."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import redis
+from flask import Blueprint, Response, current_app, jsonify, request
+
+import forwarding
+import lifecycle
+import queueing
+from auth import check_token
+from errors import ApiError
+from settings import Settings, is_service_name
+
+bp = Blueprint("api", __name__)
+
+RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
+SINK_PARAMETERS = {"request_id"}
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the views share, made once by create_app."""
+
+    settings: Settings
+    connection: redis.Redis
+    enqueuer: queueing.Enqueuer
+
+
+def context() -> ApiContext:
+    return current_app.extensions["eas_queue"]
+
+
+# --- views ----------------------------------------------------------------------------------------
+
+
+@bp.post("/api/predict/<service>")
+@bp.post("/api/predict/<service>/<path:subpath>")
+def submit(service: str, subpath: str = "") -> Response:
+    ctx = context()
+    check_service(ctx.settings, service)
+    if subpath == "sink":
+        raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
+    queued = ctx.enqueuer.enqueue(submission_from_request(ctx.settings, service, subpath))
+    if queued.outcome == "full":
+        raise ApiError(
+            429,
+            f"queue is full ({ctx.settings.max_queue_length} requests waiting); retry later",
+            {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
+        )
+    if queued.outcome == "conflict":
+        raise ApiError(422, "this Idempotency-Key was already used for a different request")
+    response = Response(queued.request_id, status=200, mimetype="text/plain")
+    response.headers[forwarding.REQUEST_ID_HEADER] = queued.request_id
+    return response
+
+
+@bp.get("/api/predict/<service>/sink")
+def sink(service: str) -> tuple[Response, int]:
+    ctx = context()
+    check_service(ctx.settings, service)
+    state = known_state(ctx.connection, service, sink_request_id())
+    return jsonify(state.record()), 200 if state.status.ended else 202
+
+
+@bp.delete("/api/predict/<service>/sink")
+def cancel(service: str) -> tuple[Response, int]:
+    ctx = context()
+    check_service(ctx.settings, service)
+    request_id = sink_request_id()
+    known_state(ctx.connection, service, request_id)  # 404 unless it is this service's
+    outcome = lifecycle.cancel(ctx.connection, request_id, ctx.settings.result_ttl)
+    state = known_state(ctx.connection, service, request_id)
+    if outcome == "running":
+        raise ApiError(409, "request is being forwarded now; it cannot be canceled", status=state.status.value)
+    if outcome != "canceled":
+        raise ApiError(409, "request has already ended", status=state.status.value)
+    return jsonify(state.record()), 200
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    context().connection.ping()
+    return jsonify(status="ok"), 200
+
+
+# --- reading a request ----------------------------------------------------------------------------
+
+
+def check_service(settings: Settings, service: str) -> None:
+    if not is_service_name(service):
+        raise ApiError(400, "service name must be 1-128 letters, digits, '_', '-' or '.'")
+    check_token(settings, service)
+    if settings.listed_services_only and service not in settings.services:
+        raise ApiError(404, f"unknown service {service!r}")
+
+
+def single_parameter(name: str) -> str | None:
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"{name} given more than once")
+    return values[0] if values else None
+
+
+def _ttl(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = math.nan
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ApiError(400, "_ttl_ must be a positive number of seconds")
+    return ttl
+
+
+def submission_from_request(settings: Settings, service: str, subpath: str) -> queueing.Submission:
+    args = request.args
+    priority = ttl_text = None
+    if args:
+        unknown = sorted(k for k in args if k.startswith("_") and k not in RESERVED_PARAMETERS)
+        if unknown:
+            raise ApiError(400, f"unknown reserved query parameter {unknown[0]!r} (known: _priority_, _ttl_)")
+        priority, ttl_text = single_parameter("_priority_"), single_parameter("_ttl_")
+    if priority not in (None, "0", "1"):
+        raise ApiError(400, "_priority_ must be 0 or 1")
+    ttl = _ttl(ttl_text)
+    headers = request.headers
+    key = headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH and key.isascii() and key.isprintable()):
+        raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters")
+    if subpath and not forwarding.is_subpath(subpath):
+        raise ApiError(400, "subpath segments must be letters, digits, '_', '.', '~' or '-', and not '.' or '..'")
+    body = read_body(settings.max_body_bytes)
+    return queueing.Submission(
+        service=service,
+        subpath=subpath,
+        query=tuple((k, v) for k, v in args.items(multi=True) if not k.startswith("_")) if args else (),
+        content_type=headers.get("Content-Type"),
+        body=body,
+        priority=priority == "1",
+        ttl=ttl,
+        idempotency_key=key,
+    )
+
+
+def read_body(limit: int) -> bytes:
+    """The body, or 413 if it is longer than `limit`: checked against Content-Length, and counted while
+    reading a chunked body (werkzeug would silently cut such a body at MAX_CONTENT_LENGTH)."""
+    environ, length = request.environ, request.content_length
+    if length is not None:
+        if length > limit:
+            raise ApiError(413, f"body larger than {limit} bytes")
+        body = environ["wsgi.input"].read(length) if length else b""
+        if len(body) != length:  # the client went away mid-body: never queue half a request
+            raise ApiError(400, f"body ended after {len(body)} of {length} bytes (Content-Length)")
+        return body
+    if not environ.get("wsgi.input_terminated"):
+        return b""  # no length and a server that does not end the stream: nothing can be read safely
+    stream, chunks, size = environ["wsgi.input"], [], 0
+    while chunk := stream.read(min(65536, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def sink_request_id() -> str:
+    unknown = sorted(set(request.args) - SINK_PARAMETERS)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (the sink takes request_id)")
+    request_id = single_parameter("request_id")
+    if not request_id:
+        raise ApiError(400, "request_id query parameter is required")
+    if not queueing.is_request_id(request_id):
+        raise ApiError(400, "request_id is not a request id (a lowercase UUID)")
+    return request_id
+
+
+def known_state(connection: redis.Redis, service: str, request_id: str) -> lifecycle.RequestState:
+    state = lifecycle.read_state(connection, request_id)
+    if state is None or state.service != service:
+        raise ApiError(404, "no such request for this service (unknown, expired or another service's)")
+    return state

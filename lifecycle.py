@@ -1,0 +1,227 @@
+"""The life of a request: its statuses, when it expires, and how its RQ job reads at the sink.
+
+A request is an RQ job (queueing.py). The sink reports it in its own words, mapped from RQ's status:
+
+  RQ queued                    PENDING   (EXPIRED once its queue deadline passes unstarted)
+  RQ started                   STARTED
+  RQ scheduled                 RETRY     (waiting in the ScheduledJobRegistry for its next attempt)
+  RQ finished                  SUCCESS
+  RQ failed or stopped         FAILURE   (EXPIRED when `eas_outcome` says so: plain `rq worker` path)
+  RQ canceled                  CANCELED  (EXPIRED when `eas_outcome` says so: QueueWorker's claim)
+
+An expired request ends canceled when QueueWorker's claim finds it and failed under plain `rq worker`:
+RQ's fork worker records the end of every job function itself, as finished or failed, so a job
+function cannot end its own job canceled. The sink reads both as EXPIRED.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+import redis
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry
+from rq.results import Result
+from rq.utils import now, utcformat
+
+import keys
+
+
+class RequestStatus(StrEnum):
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def ended(self) -> bool:
+        return self in _ENDED
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_ENDED = frozenset({RequestStatus.SUCCESS, RequestStatus.FAILURE, RequestStatus.CANCELED, RequestStatus.EXPIRED})
+_MESSAGES = {
+    RequestStatus.PENDING: "Request is queued.",
+    RequestStatus.STARTED: "Request is being forwarded to the model.",
+    RequestStatus.RETRY: "The last attempt failed; the request waits for its next attempt.",
+    RequestStatus.SUCCESS: "Task completed successfully.",
+    RequestStatus.FAILURE: "Task failed.",
+    RequestStatus.CANCELED: "Request was canceled before it was forwarded.",
+    RequestStatus.EXPIRED: "Request waited longer than its queue TTL and was never forwarded.",
+}
+
+# The RQ statuses of a request that has ended: the sink and the orphan sweep both use this one list.
+RQ_ENDED_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
+
+CancelOutcome = Literal["canceled", "running", "ended", "unknown"]
+
+
+def clock_seconds(time_reply: tuple[int, int]) -> float:
+    """Redis's TIME reply as unix seconds. Expiry and the open index are judged on Redis's clock, the one
+    clock every host shares."""
+    seconds, micros = time_reply
+    return seconds + micros / 1e6
+
+
+def has_expired(expires_at: float | None, attempts: int, clock: float) -> bool:
+    """A request expires when it was never started and its queue deadline has passed.
+
+    lua/claim.lua applies the same rule atomically as a worker claims a request."""
+    return attempts == 0 and expires_at is not None and 0 < expires_at < clock
+
+
+def iso(moment: float | None) -> str | None:
+    """A unix time in the format of RQ's own timestamps (enqueued_at and the others)."""
+    return utcformat(datetime.fromtimestamp(moment, tz=UTC)) if moment else None
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """What the sink reports about one request."""
+
+    request_id: str
+    service: str
+    status: RequestStatus
+    attempts: int
+    enqueued_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    result: Any = None
+    error: str | None = None
+    retry_at: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The sink's JSON body for this state."""
+        body: dict[str, Any] = {
+            "request_id": self.request_id,
+            "status": self.status.value,
+            "service_name": self.service,
+            "message": self.status.message,
+            "attempts": self.attempts,
+            "enqueued_at": self.enqueued_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+        }
+        if self.status == RequestStatus.SUCCESS:
+            body["result"] = self.result
+        elif self.status == RequestStatus.FAILURE:
+            body["error_info"] = self.error
+        elif self.status == RequestStatus.RETRY:
+            body.update(next_attempt=self.attempts + 1, retry_at=iso(self.retry_at), last_error=self.error)
+        elif self.status == RequestStatus.PENDING and self.error:
+            body.update(next_attempt=self.attempts + 1, last_error=self.error)
+        return body
+
+
+_SCHEDULED_KEYS = [keys.queue_keys(name).scheduled for name in keys.QUEUE_NAMES]
+_VIEW_FIELDS = (
+    "status",
+    keys.SERVICE_FIELD,
+    "enqueued_at",
+    "started_at",
+    "ended_at",
+    keys.EXPIRES_AT_FIELD,
+    keys.ATTEMPTS_FIELD,
+    keys.LAST_ERROR_FIELD,
+    keys.OUTCOME_FIELD,
+)
+_FORWARD_ERROR_PREFIX = re.compile(r"^(?:[\w.]+\.)?ForwardError: ")
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value else None
+
+
+def _error_line(exc_string: str | None) -> str:
+    """The cause of a failure in one line: the last line of RQ's traceback text, without our class name."""
+    lines = [line for line in (exc_string or "").splitlines() if line.strip()]
+    if not lines:
+        return "failed"
+    last = lines[-1].strip()
+    if "AbandonedJobError" in last:
+        return "the worker forwarding it died and no retries were left (AbandonedJobError)"
+    return _FORWARD_ERROR_PREFIX.sub("", last)
+
+
+def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
+    """The request's state in one round trip, without loading its body; None if unknown or expired."""
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.job_key(request_id), _VIEW_FIELDS)
+        pipe.xrevrange(keys.RESULTS_PREFIX + request_id, "+", "-", count=1)
+        pipe.time()
+        for key in _SCHEDULED_KEYS:
+            pipe.zscore(key, request_id)
+        fields, results, time_reply, *retry_times = pipe.execute()
+    raw = dict(zip(_VIEW_FIELDS, fields, strict=True))
+    if not raw["status"] or not raw[keys.SERVICE_FIELD]:
+        return None
+    rq_status = raw["status"].decode()
+    attempts = int(raw[keys.ATTEMPTS_FIELD] or 0)
+    expired = _text(raw[keys.OUTCOME_FIELD]) == "expired"
+    common = dict(
+        request_id=request_id,
+        service=raw[keys.SERVICE_FIELD].decode(),
+        attempts=attempts,
+        enqueued_at=_text(raw["enqueued_at"]),
+        started_at=_text(raw["started_at"]),
+        ended_at=_text(raw["ended_at"]),
+    )
+    latest = Result.restore(request_id, results[0][0].decode(), results[0][1], connection) if results else None
+    if rq_status == JobStatus.FINISHED and latest and latest.type == Result.Type.SUCCESSFUL:
+        return RequestState(status=RequestStatus.SUCCESS, result=latest.return_value, **common)
+    if expired and rq_status in RQ_ENDED_STATUSES:
+        return RequestState(status=RequestStatus.EXPIRED, **common)
+    if rq_status in (JobStatus.FAILED, JobStatus.STOPPED):
+        error = _error_line(latest.exc_string if latest else None)
+        return RequestState(status=RequestStatus.FAILURE, error=error, **common)
+    if rq_status == JobStatus.CANCELED:
+        return RequestState(status=RequestStatus.CANCELED, **common)
+    if rq_status == JobStatus.SCHEDULED:
+        retry_at = next((float(t) for t in retry_times if t is not None), None)
+        error = _text(raw[keys.LAST_ERROR_FIELD])
+        return RequestState(status=RequestStatus.RETRY, error=error, retry_at=retry_at, **common)
+    if rq_status == JobStatus.STARTED:
+        return RequestState(status=RequestStatus.STARTED, **common)
+    if has_expired(float(raw[keys.EXPIRES_AT_FIELD] or 0), attempts, clock_seconds(time_reply)):
+        return RequestState(status=RequestStatus.EXPIRED, **common)
+    return RequestState(status=RequestStatus.PENDING, error=_text(raw[keys.LAST_ERROR_FIELD]), **common)
+
+
+def cancel(connection: redis.Redis, request_id: str, ttl: int) -> CancelOutcome:
+    """Cancels a request that has not started; otherwise says why it cannot be."""
+    job_key = keys.job_key(request_id)
+    with connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(job_key)
+                status = _text(pipe.hget(job_key, "status"))
+                if status is None:
+                    return "unknown"
+                if status == JobStatus.STARTED:
+                    return "running"
+                if status not in (JobStatus.QUEUED, JobStatus.SCHEDULED):
+                    return "ended"
+                job = Job.fetch(request_id, connection=connection)
+                pipe.multi()
+                # RQ's own Job.cancel: out of its queue or the ScheduledJobRegistry, into the Canceled one.
+                # It stays readable at the sink for `ttl` seconds, scored in that registry by its expiry.
+                job.cancel(pipeline=pipe)
+                pipe.hset(job_key, mapping={keys.OUTCOME_FIELD: "canceled", "ended_at": utcformat(now())})
+                pipe.expire(job_key, ttl)
+                pipe.zadd(CanceledJobRegistry(job.origin, connection=connection).key, {request_id: time.time() + ttl})
+                pipe.zrem(keys.OPEN_REQUESTS, request_id)
+                pipe.execute()
+                return "canceled"
+            except redis.WatchError:
+                continue

@@ -1,0 +1,80 @@
+-- Claims up to `want` queued requests, strictly in the order of the queues in KEYS, and records each as
+-- started (RQ status, StartedJobRegistry entry, Execution) in the same atomic step: no request is ever
+-- popped without a trace (the gap of rq issue 1716). A request whose queue deadline passed unstarted ends
+-- EXPIRED here, unforwarded (the rule of lifecycle.has_expired). Returns, per claimed request:
+-- {queue index, job id, execution id, {the requested job fields}}: only what forwarding needs.
+local open_requests = KEYS[1]
+local worker_executions = KEYS[2]
+local first_queue_key = 3 -- then per queue: list, StartedJobRegistry, CanceledJobRegistry
+
+local want = tonumber(ARGV[1])
+local now_unix = ARGV[2]
+local now_text = ARGV[3] -- RQ's timestamp format
+local heartbeat_deadline = tonumber(ARGV[4])
+local heartbeat_ttl = tonumber(ARGV[5])
+local worker_name = ARGV[6]
+local expired_ttl = tonumber(ARGV[7])
+local job_prefix, execution_prefix, executions_registry_prefix = ARGV[8], ARGV[9], ARGV[10]
+local adopted_queue = tonumber(ARGV[11]) -- a request this worker popped with BLPOP (0: none)
+local adopted_id = ARGV[12]
+local field_count = tonumber(ARGV[13])
+local fields = {unpack(ARGV, 14, 13 + field_count)}
+local next_execution_id = 14 + field_count -- ARGV[next_execution_id..]: fresh execution ids
+
+local clock = redis.call('TIME') -- expiry is judged on Redis's clock, as the API and the sink judge it
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local claimed = {}
+
+local function expire(job_key, id, canceled_registry)
+  redis.call('HSET', job_key, 'status', 'canceled', 'eas_outcome', 'expired', 'ended_at', now_text)
+  redis.call('EXPIRE', job_key, expired_ttl)
+  redis.call('ZADD', canceled_registry, now + expired_ttl, id)
+  redis.call('ZREM', open_requests, id)
+end
+
+local function start(job_key, id, started_registry)
+  local execution_id = ARGV[next_execution_id]
+  next_execution_id = next_execution_id + 1
+  local composite = id .. ':' .. execution_id
+  redis.call('HSET', job_key, 'status', 'started', 'started_at', now_text, 'last_heartbeat', now_text,
+             'worker_name', worker_name)
+  redis.call('HINCRBY', job_key, 'eas_attempts', 1)
+  redis.call('PERSIST', job_key) -- as RQ does when a job starts (one requeued from failed has a ttl)
+  redis.call('ZADD', started_registry, heartbeat_deadline, composite)
+  local execution_key = execution_prefix .. composite
+  redis.call('HSET', execution_key, 'id', execution_id, 'job_id', id, 'created_at', now_unix,
+             'last_heartbeat', now_unix, 'worker_name', worker_name)
+  redis.call('EXPIRE', execution_key, heartbeat_ttl)
+  -- RQ's ExecutionRegistry keeps an execution 60 s past its heartbeat deadline (Execution.heartbeat).
+  redis.call('ZADD', executions_registry_prefix .. id, heartbeat_deadline + 60, execution_id)
+  redis.call('EXPIRE', executions_registry_prefix .. id, heartbeat_ttl + 60)
+  redis.call('SADD', worker_executions, composite)
+  return execution_id
+end
+
+local function take(q, id)
+  local base = first_queue_key + 3 * (q - 1)
+  local started_registry, canceled_registry = KEYS[base + 1], KEYS[base + 2]
+  local job_key = job_prefix .. id
+  local state = redis.call('HMGET', job_key, 'status', 'eas_expires_at', 'eas_attempts')
+  if state[1] ~= 'queued' then return end -- canceled, deleted or already taken: skip
+  local expires_at = tonumber(state[2])
+  if expires_at and (tonumber(state[3]) or 0) == 0 and now > expires_at then
+    expire(job_key, id, canceled_registry)
+    return
+  end
+  local execution_id = start(job_key, id, started_registry)
+  claimed[#claimed + 1] = {q, id, execution_id, redis.call('HMGET', job_key, unpack(fields))}
+end
+
+if adopted_queue > 0 then take(adopted_queue, adopted_id) end
+local queue_count = (#KEYS - first_queue_key + 1) / 3
+for q = 1, queue_count do
+  local queue_key = KEYS[first_queue_key + 3 * (q - 1)]
+  while #claimed < want do
+    local ids = redis.call('LPOP', queue_key, want - #claimed)
+    if not ids then break end
+    for _, id in ipairs(ids) do take(q, id) end
+  end
+end
+return claimed

@@ -1,0 +1,54 @@
+-- Records a batch of outcomes, each as RQ's worker records it: status and end time; the registry it moves
+-- to (Finished, Failed, or Scheduled to wait for a retry); a Result stream entry (success or failure); the
+-- job's and result's expiry; the Execution removed; plus our open-requests index. One call instead of
+-- RQ's ten pipelined commands per request, and atomic, which RQ's Job.retry is not (it writes the status
+-- first). Only the worker that still holds a request (its StartedJobRegistry entry) may record it: if its
+-- heartbeat lapsed, recovery has retried or failed the request, and a late outcome must not undo that.
+-- Returns how many outcomes came too late (their request was no longer this worker's).
+local open_requests = KEYS[1]
+local worker_executions = KEYS[2]
+local worker_key = KEYS[3]
+
+local now_text = ARGV[1] -- RQ's timestamp format
+local job_prefix, results_prefix = ARGV[2], ARGV[3]
+local execution_prefix, executions_registry_prefix = ARGV[4], ARGV[5]
+local first_record = 6 -- then per request: 10 values, then its result field/value pairs
+
+local finished, failed, stale = 0, 0, 0
+local i = first_record
+while i <= #ARGV do
+  local status = ARGV[i] -- finished, scheduled or failed
+  local id, execution_id = ARGV[i + 1], ARGV[i + 2]
+  local started_registry, next_registry, next_score = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local ttl = tonumber(ARGV[i + 6]) -- of job and result; 0: keep
+  local last_error = ARGV[i + 7] -- '': none
+  local retries_left = ARGV[i + 8] -- '': unchanged
+  local result_field_count = tonumber(ARGV[i + 9])
+  local first_result_field = i + 10
+  local composite = id .. ':' .. execution_id
+  if redis.call('ZREM', started_registry, composite) == 1 then
+    local job_key = job_prefix .. id
+    redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
+    if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
+    if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
+    redis.call('ZADD', next_registry, next_score, id)
+    if result_field_count > 0 then
+      local results = results_prefix .. id
+      redis.call('XADD', results, 'MAXLEN', 10, '*',
+                 unpack(ARGV, first_result_field, first_result_field - 1 + 2 * result_field_count))
+      redis.call('EXPIRE', results, ttl)
+    end
+    if ttl > 0 then redis.call('EXPIRE', job_key, ttl) end
+    if status ~= 'scheduled' then redis.call('ZREM', open_requests, id) end
+    if status == 'finished' then finished = finished + 1 else failed = failed + 1 end
+  else
+    stale = stale + 1
+  end
+  redis.call('DEL', execution_prefix .. composite)
+  redis.call('ZREM', executions_registry_prefix .. id, execution_id)
+  redis.call('SREM', worker_executions, composite)
+  i = first_result_field + 2 * result_field_count
+end
+redis.call('HINCRBY', worker_key, 'successful_job_count', finished)
+redis.call('HINCRBY', worker_key, 'failed_job_count', failed)
+return stale

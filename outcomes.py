@@ -1,0 +1,100 @@
+"""What a QueueWorker records when an attempt ends, as RQ's own worker would record it.
+
+A success goes to the FinishedJobRegistry with its Result, a retryable failure with retries left waits in
+the ScheduledJobRegistry (RQ's Retry), anything else goes to the FailedJobRegistry with its Result.
+lua/record_outcomes.lua writes a whole batch atomically, in one call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+from rq.job import JobStatus
+from rq.results import Result
+from rq.utils import now, utcformat
+
+import keys
+import redis_scripts
+from forwarding import Attempt
+from inflight import InFlight
+from settings import Settings
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's record: its RQ status, the registry it moves to and its score there, the ttl of the
+    job and result (0: keep), the last error ('': none), retries left (None: unchanged), the Result."""
+
+    status: JobStatus
+    registry: str
+    score: float
+    ttl: int
+    last_error: str = ""
+    retries_left: int | None = None
+    result: dict[str, Any] | None = None
+
+    def script_args(self, item: InFlight) -> list[Any]:
+        """This outcome's record in lua/record_outcomes.lua's ARGV."""
+        result = self.result or {}
+        retries = "" if self.retries_left is None else self.retries_left
+        args = [self.status.value, item.job.id, item.execution.id, item.queue.started, self.registry, self.score]
+        args += [self.ttl, self.last_error, retries, len(result)]
+        for pair in result.items():
+            args += pair
+        return args
+
+
+class OutcomeRecorder:
+    """Records batches of outcomes for one worker."""
+
+    def __init__(
+        self, connection: redis.Redis, settings: Settings, worker_name: str, executions_key: str, worker_key: str
+    ) -> None:
+        self.connection, self.settings, self.worker_name = connection, settings, worker_name
+        self.script = redis_scripts.register(connection, "record_outcomes")
+        self.keys = [keys.OPEN_REQUESTS, executions_key, worker_key]
+
+    def record(self, batch: list[tuple[InFlight, Attempt]]) -> int:
+        """Records a batch in one atomic call; safe to repeat. Returns how many came too late (recovery had
+        taken their requests from this worker)."""
+        clock, ended_at = time.time(), now()
+        args: list[Any] = [utcformat(ended_at), keys.JOB_PREFIX, keys.RESULTS_PREFIX]
+        args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX]
+        for item, attempt in batch:
+            args += self.decide(item, attempt, clock, ended_at).script_args(item)
+        return int(self.script(keys=self.keys, args=args))
+
+    def decide(self, item: InFlight, attempt: Attempt, clock: float, ended_at: datetime) -> Outcome:
+        """What RQ's worker would record for a success, a retry and a failure."""
+        job = item.job
+        if attempt.result is not None:
+            ttl = job.result_ttl or self.settings.result_ttl
+            result = self._result(item, Result.Type.SUCCESSFUL, ended_at, return_value=attempt.result)
+            return Outcome(JobStatus.FINISHED, item.queue.finished, clock + ttl, ttl, result=result)
+        error = (attempt.error or "failed").strip()
+        last_error = error.splitlines()[-1]
+        if attempt.retryable and job.retries_left:
+            # RQ's retry: wait the next of retry_intervals in the ScheduledJobRegistry.
+            retry_at = clock + job.get_retry_interval()
+            return Outcome(JobStatus.SCHEDULED, item.queue.scheduled, retry_at, 0, last_error, job.retries_left - 1)
+        ttl = job.failure_ttl or self.settings.failure_ttl
+        result = self._result(item, Result.Type.FAILED, ended_at, exc_string=error)
+        return Outcome(JobStatus.FAILED, item.queue.failed, clock + ttl, ttl, last_error, result=result)
+
+    def _result(self, item: InFlight, kind: Result.Type, ended_at: datetime, **outcome: Any) -> dict[str, Any]:
+        """The fields of RQ's Result stream entry for this attempt."""
+        return Result(
+            item.job.id,
+            kind,
+            self.connection,
+            worker_name=self.worker_name,
+            serializer=item.job.serializer,
+            execution_id=item.execution.id,
+            execution_started_at=item.execution.created_at,
+            execution_ended_at=ended_at,
+            **outcome,
+        ).serialize()

@@ -1,0 +1,200 @@
+"""Upkeep and recovery: what a QueueWorker does between claims so that no accepted request is lost.
+
+Stock RQ leaves these to `--with-scheduler` and a 10-minute maintenance cycle; a QueueWorker runs them
+within seconds:
+- due retries go back onto their queue (every 0.5 s);
+- requests whose worker died (heartbeat lapsed) are retried or failed by RQ's own
+  StartedJobRegistry.cleanup (every 5 s);
+- the orphan sweep finds requests that a crash left in no queue and no registry (every 5 s);
+- RQ's registry maintenance, plus expired entries of the canceled registry (every 10 minutes).
+One worker at a time runs each recovery task (a lock in Redis), since every worker schedules them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import redis
+from rq.job import JobStatus
+from rq.registry import StartedJobRegistry
+
+import keys
+import lifecycle
+import redis_scripts
+from keys import QueueKeys
+
+
+class Schedule:
+    """When each periodic task is next due, on the monotonic clock."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+
+    def due(self, task: str, interval: float) -> bool:
+        """True if `task` is due now; it is then next due `interval` seconds later."""
+        clock = time.monotonic()
+        if clock < self._due.get(task, 0):
+            return False
+        self._due[task] = clock + interval
+        return True
+
+    def next_due(self, default: float) -> float:
+        return min(self._due.values(), default=time.monotonic() + default)
+
+    def run_next(self, task: str) -> None:
+        self._due[task] = 0
+
+    def hold_off(self, tasks: tuple[str, ...], seconds: float) -> None:
+        for task in tasks:
+            self._due[task] = time.monotonic() + seconds
+
+
+@contextlib.contextmanager
+def exclusive(connection: redis.Redis, task: str, holder: str) -> Iterator[bool]:
+    """One worker at a time runs `task`; yields whether this one holds the lock."""
+    key = keys.LOCK_PREFIX + task
+    mine = bool(connection.set(key, holder, nx=True, ex=60))
+    try:
+        yield mine
+    finally:
+        if mine:
+            connection.delete(key)
+
+
+class RetryPromoter:
+    """Moves retries whose wait is over back onto their queue (lua/promote_due.lua)."""
+
+    def __init__(self, connection: redis.Redis, queues: list[QueueKeys]) -> None:
+        self.script = redis_scripts.register(connection, "promote_due")
+        self.keys = [key for q in queues for key in (q.scheduled, q.queue)]
+
+    def __call__(self) -> int:
+        return int(self.script(keys=self.keys, args=[time.time(), keys.JOB_PREFIX]))
+
+
+def recover_abandoned(connection: redis.Redis, queues: list[QueueKeys], exception_handlers: list[Callable]) -> None:
+    """RQ's own recovery: a started request whose heartbeat lapsed is retried (if it has retries left) or
+    failed (AbandonedJobError)."""
+    for q in queues:
+        StartedJobRegistry(q.name, connection=connection).cleanup(exception_handlers=exception_handlers)
+
+
+def clean_canceled(connection: redis.Redis, queues: list[QueueKeys]) -> None:
+    """Drops expired entries of the canceled registries, which eas-queue scores by their expiry."""
+    for q in queues:
+        connection.zremrangebyscore(q.canceled, 0, time.time())
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """An open request found where no worker will pick it up: its id, status and queue."""
+
+    request_id: str
+    status: str
+    queue: QueueKeys
+
+    @property
+    def token(self) -> str:
+        return f"{self.request_id}:{self.status}"
+
+
+class OrphanSweep:
+    """Re-queues requests that a crash left outside every queue and registry: `queued` but in no queue
+    (popped by a worker that died before recording it: stock RQ's multi-queue BLPOP, rq issue 1716),
+    `scheduled` but not waiting in the ScheduledJobRegistry, or `started` with no live Execution (RQ wrote
+    the status and died before the rest).
+
+    A request must look lost on two sweeps in a row, `interval` apart, before it is re-queued, the rule
+    rq's intermediate_queue.py applies in the same named steps. Requests that have ended leave the index.
+    """
+
+    def __init__(
+        self, connection: redis.Redis, queues: list[QueueKeys], log: logging.Logger, interval: float = 5.0
+    ) -> None:
+        self.connection, self.queues, self.log, self.interval = connection, queues, log, interval
+        self.age = 10.0  # seconds an accepted request must be old before it can count as lost
+        self.batch = 1000  # open requests examined per sweep
+        self.requeue_script = redis_scripts.register(connection, "requeue_orphan")
+        self._queues_by_name = {q.name: q for q in queues}
+
+    def run(self) -> int:
+        """One sweep; returns how many requests it queued again."""
+        suspects = self.find_lost(self.oldest_open())
+        confirmed = self.seen_before(suspects)
+        return sum(self.requeue(suspect) for suspect in confirmed)
+
+    def oldest_open(self) -> dict[str, tuple[str, QueueKeys]]:
+        """The oldest open requests that are at least `age` old, with their status and queue, after
+        dropping those that have ended from the index. With a backlog these are queued at the front of
+        their queue, and a lost one is examined once the requests older than it have ended."""
+        cutoff = lifecycle.clock_seconds(self.connection.time()) - self.age  # the clock the index uses
+        ids = [i.decode() for i in self.connection.zrangebyscore(keys.OPEN_REQUESTS, "-inf", cutoff, 0, self.batch)]
+        if not ids:
+            return {}
+        with self.connection.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hmget(keys.job_key(request_id), "status", "origin")
+            states = pipe.execute()
+        ended, open_requests = [], {}
+        for request_id, (status, origin) in zip(ids, states, strict=True):
+            if status is None or status.decode() in lifecycle.RQ_ENDED_STATUSES:
+                ended.append(request_id)
+            elif origin and origin.decode() in self._queues_by_name:
+                open_requests[request_id] = (status.decode(), self._queues_by_name[origin.decode()])
+        if ended:
+            self.connection.zrem(keys.OPEN_REQUESTS, *ended)
+        return open_requests
+
+    def find_lost(self, open_requests: dict[str, tuple[str, QueueKeys]]) -> list[Suspect]:
+        """Those of `open_requests` that are where no worker will find them."""
+        if not open_requests:
+            return []
+        with self.connection.pipeline(transaction=False) as pipe:
+            for q in self.queues:
+                pipe.lrange(q.queue, 0, -1)
+                pipe.lrange(q.intermediate, 0, -1)
+            waiting = {i.decode() for ids in pipe.execute() for i in ids}
+            for request_id, (_, q) in open_requests.items():
+                pipe.zscore(q.scheduled, request_id)
+                pipe.zcard(keys.EXECUTIONS_REGISTRY_PREFIX + request_id)
+            found = pipe.execute()
+        lost = []
+        for (request_id, (status, q)), retry_at, executions in zip(
+            open_requests.items(), found[::2], found[1::2], strict=True
+        ):
+            if (
+                (status == JobStatus.QUEUED and request_id not in waiting)
+                or (status == JobStatus.SCHEDULED and retry_at is None)
+                or (status == JobStatus.STARTED and not executions)
+            ):
+                lost.append(Suspect(request_id, status, q))
+        return lost
+
+    def seen_before(self, suspects: list[Suspect]) -> list[Suspect]:
+        """Remembers this sweep's suspects and returns those the previous sweep suspected too. They live in
+        Redis, since the next sweep may run in another worker."""
+        with self.connection.pipeline() as pipe:
+            pipe.smembers(keys.ORPHAN_SUSPECTS)
+            pipe.delete(keys.ORPHAN_SUSPECTS)
+            if suspects:
+                pipe.sadd(keys.ORPHAN_SUSPECTS, *(s.token for s in suspects))
+                pipe.expire(keys.ORPHAN_SUSPECTS, int(self.interval * 3))
+            previous = {i.decode() for i in pipe.execute()[0]}
+        return [s for s in suspects if s.token in previous]
+
+    def requeue(self, suspect: Suspect) -> bool:
+        """Puts a confirmed orphan back at the front of its queue, if it is still where it was found."""
+        script_keys = [
+            keys.job_key(suspect.request_id),
+            suspect.queue.queue,
+            suspect.queue.scheduled,
+            keys.EXECUTIONS_REGISTRY_PREFIX + suspect.request_id,
+        ]
+        if not self.requeue_script(keys=script_keys, args=[suspect.request_id, suspect.status]):
+            return False
+        self.log.warning("request %s (%s) was in no queue; queued it again", suspect.request_id, suspect.status)
+        return True
