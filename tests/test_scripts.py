@@ -1,0 +1,202 @@
+"""The Lua scripts in lua/, run directly against a real redis-server (as rq's tests/test_scripts.py does),
+and contract tests: what the claim and the record of an outcome write is what RQ's own worker writes."""
+
+import time
+
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.utils import now
+
+import keys
+import redis_scripts
+from forwarding import Attempt
+from outcomes import OutcomeRecorder
+from queueing import Enqueuer, Submission
+from settings import load_settings
+from worker import QueueWorker
+
+
+@pytest.fixture
+def settings(redis_server, model):
+    return load_settings(
+        {
+            "EAS_QUEUE_REDIS_URL": redis_server.url,
+            "EAS_QUEUE_TARGET_API_BASE_URL": model.url,
+            "EAS_QUEUE_RETRY_INTERVALS": "7",
+        }
+    )
+
+
+@pytest.fixture
+def enqueue(db, settings):
+    enqueuer = Enqueuer(db, settings)
+
+    def submit(priority: bool = False, ttl: float | None = None, key: str | None = None, body: bytes = b"{}") -> str:
+        submission = Submission("svc", "", (), "application/json", body, priority, ttl, key)
+        queued = enqueuer.enqueue(submission)
+        assert queued.outcome in ("queued", "duplicate"), queued
+        return queued.request_id
+
+    return submit
+
+
+def queue_worker(redis_server, settings) -> QueueWorker:
+    connection = redis.Redis.from_url(redis_server.url)
+    return QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
+
+
+def shape(db: redis.Redis, key: str) -> object:
+    kind = db.type(key).decode()
+    return (kind, sorted(db.hkeys(key))) if kind == "hash" else kind
+
+
+def test_no_lua_lives_in_python_strings():
+    service_modules = sorted(redis_scripts.LUA_DIR.parent.glob("*.py"))
+    assert service_modules
+    for module in service_modules:
+        assert "redis.call(" not in module.read_text(), module.name
+    assert {p.stem for p in redis_scripts.LUA_DIR.glob("*.lua")} == {
+        "enqueue", "claim", "record_outcomes", "promote_due", "requeue_orphan"
+    }  # fmt: skip
+
+
+def test_enqueue_refuses_a_full_queue_and_remembers_keys(db, settings, enqueue):
+    first = enqueue(key="k1")
+    assert enqueue(key="k1") == first  # same key, same request: the first id, nothing queued twice
+    assert db.llen(keys.queue_keys("default").queue) == 1
+    full = Enqueuer(db, load_settings({"EAS_QUEUE_REDIS_URL": settings.redis_url, "EAS_QUEUE_MAX_QUEUE_LENGTH": "1"}))
+    refused = full.enqueue(Submission("svc", "", (), None, b"", False, None, None))
+    assert refused.outcome == "full"
+    assert not db.exists(keys.job_key(refused.request_id))
+
+
+def test_claim_takes_high_before_default_and_writes_what_rq_writes(redis_server, db, settings, enqueue):
+    low, high = enqueue(), enqueue(priority=True)
+    worker = queue_worker(redis_server, settings)
+    worker.register_birth()
+    [first] = worker._claim(1)
+    assert first.job.id == high
+    [second] = worker._claim(5)
+    assert second.job.id == low
+    ours = {
+        "job": shape(db, keys.job_key(low)),
+        "execution": shape(db, f"{keys.EXECUTION_PREFIX}{low}:{second.execution.id}"),
+    }
+    started = keys.queue_keys("default").started
+    assert db.zscore(started, f"{low}:{second.execution.id}") is not None
+    assert db.zscore(keys.EXECUTIONS_REGISTRY_PREFIX + low, second.execution.id) is not None
+    assert db.sismember(worker.executions_key, f"{low}:{second.execution.id}")
+    assert db.hget(keys.job_key(low), "status") == b"started"
+
+    # The same request started by RQ's own worker.
+    db.flushall()
+    reference = enqueue()
+    rq_worker = SimpleWorker([Queue("default", connection=db)], connection=db)
+    rq_worker.register_birth()
+    job, _ = rq_worker.dequeue_job_and_maintain_ttl(1)
+    execution = rq_worker.prepare_execution(job)
+    rq_worker.prepare_job_execution(job)
+    rqs = {
+        "job": shape(db, keys.job_key(reference)),
+        "execution": shape(db, f"{keys.EXECUTION_PREFIX}{reference}:{execution.id}"),
+    }
+    ours["job"][1].remove(b"eas_attempts")  # ours counts attempts as they start
+    assert ours == rqs
+    assert db.zscore(started, f"{reference}:{execution.id}") is not None
+    assert db.zscore(keys.EXECUTIONS_REGISTRY_PREFIX + reference, execution.id) is not None
+
+
+def test_claim_expires_a_request_past_its_deadline_unforwarded(redis_server, db, settings, enqueue):
+    request_id = enqueue(ttl=0.01)
+    time.sleep(0.05)  # the deadline itself is what is tested: 10 ms, judged on Redis's clock
+    worker = queue_worker(redis_server, settings)
+    assert worker._claim(5) == []
+    assert db.hmget(keys.job_key(request_id), "status", "eas_outcome") == [b"canceled", b"expired"]
+    assert db.zscore(keys.queue_keys("default").canceled, request_id) is not None
+    assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
+
+
+def test_record_writes_what_rq_writes_for_a_success(redis_server, db, settings, enqueue):
+    request_id = enqueue()
+    worker = queue_worker(redis_server, settings)
+    worker.register_birth()
+    [item] = worker._claim(1)
+    recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
+    answer = {"status": "success", "body": {"x": 1}}
+    assert recorder.record([(item, Attempt(result=answer))]) == 0
+    job = Job.fetch(request_id, connection=db)
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.return_value() == answer
+    assert job.latest_result().type == Result.Type.SUCCESSFUL
+    assert db.zscore(keys.queue_keys("default").finished, request_id) is not None
+    assert db.zscore(keys.queue_keys("default").started, f"{request_id}:{item.execution.id}") is None
+    assert not db.exists(f"{keys.EXECUTION_PREFIX}{request_id}:{item.execution.id}")
+    assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
+    ours = (sorted(db.xrange(keys.RESULTS_PREFIX + request_id)[0][1]), db.ttl(keys.job_key(request_id)) > 0)
+
+    # The same success recorded by RQ's own worker.
+    db.flushall()
+    reference = enqueue()
+    rq_worker = SimpleWorker([Queue("default", connection=db)], connection=db)
+    rq_worker.register_birth()
+    job, queue = rq_worker.dequeue_job_and_maintain_ttl(1)
+    execution = rq_worker.prepare_execution(job)
+    rq_worker.prepare_job_execution(job)
+    job._result = answer
+    job.started_at = job.ended_at = now()
+    rq_worker.handle_job_success(job, queue, queue.started_job_registry, execution)
+    rqs = (sorted(db.xrange(keys.RESULTS_PREFIX + reference)[0][1]), db.ttl(keys.job_key(reference)) > 0)
+    assert ours == rqs
+    assert db.zscore(keys.queue_keys("default").finished, reference) is not None
+
+
+def test_a_late_outcome_is_dropped_and_a_retry_is_scheduled(redis_server, db, settings, enqueue):
+    request_id = enqueue()
+    worker = queue_worker(redis_server, settings)
+    [item] = worker._claim(1)
+    recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
+    assert recorder.record([(item, Attempt(error="the model answered HTTP 503", retryable=True))]) == 0
+    job = Job.fetch(request_id, connection=db)
+    assert job.get_status() == JobStatus.SCHEDULED
+    assert job.retries_left == 0
+    retry_at = db.zscore(keys.queue_keys("default").scheduled, request_id)
+    assert retry_at == pytest.approx(time.time() + 7, abs=2)
+    assert db.hget(keys.job_key(request_id), "eas_last_error") == b"the model answered HTTP 503"
+    # Recording the same attempt again (a retry after a lost reply) changes nothing: it is no longer held.
+    assert recorder.record([(item, Attempt(result={"late": True}))]) == 1
+    assert Job.fetch(request_id, connection=db).get_status() == JobStatus.SCHEDULED
+
+
+def test_promote_due_moves_only_due_retries_that_are_still_scheduled(db, enqueue):
+    due, later, canceled = enqueue(), enqueue(), enqueue()
+    q = keys.queue_keys("default")
+    db.delete(q.queue)
+    db.hset(keys.job_key(due), "status", "scheduled")
+    db.hset(keys.job_key(later), "status", "scheduled")
+    db.hset(keys.job_key(canceled), "status", "canceled")
+    db.zadd(q.scheduled, {due: time.time() - 1, canceled: time.time() - 1, later: time.time() + 60})
+    promote = redis_scripts.register(db, "promote_due")
+    assert promote(keys=[keys.queue_keys("high").scheduled, keys.queue_keys("high").queue, q.scheduled, q.queue],
+                   args=[time.time(), keys.JOB_PREFIX]) == 1  # fmt: skip
+    assert db.lrange(q.queue, 0, -1) == [due.encode()]
+    assert db.hget(keys.job_key(due), "status") == b"queued"
+    assert db.zrange(q.scheduled, 0, -1) == [later.encode()]
+
+
+def test_requeue_orphan_checks_again_before_requeueing(db, enqueue):
+    lost, waiting = enqueue(), enqueue()
+    q = keys.queue_keys("default")
+    db.lrem(q.queue, 1, lost)  # popped by a process that died before recording it
+    requeue = redis_scripts.register(db, "requeue_orphan")
+
+    def run(request_id, status):
+        script_keys = [keys.job_key(request_id), q.queue, q.scheduled, keys.EXECUTIONS_REGISTRY_PREFIX + request_id]
+        return requeue(keys=script_keys, args=[request_id, status])
+
+    assert run(waiting, "queued") == 0  # still in its queue
+    assert run(lost, "started") == 0  # its status moved on since the sweep saw it
+    assert run(lost, "queued") == 1
+    assert db.lrange(q.queue, 0, -1) == [lost.encode(), waiting.encode()]  # at the front
