@@ -38,6 +38,7 @@ OPEN_REQUESTS = "eas:open"  # sorted set: request id -> accept time, for every r
 ORPHAN_SUSPECTS = "eas:orphan-suspects"  # set of "<id>:<status>" that looked lost on the last sweep
 IDEMPOTENCY_PREFIX = "eas:idempotency:"  # <prefix><service>:<sha256 of the client's key> -> "<id> <fingerprint>"
 LOCK_PREFIX = "eas:lock:"  # one worker at a time runs each recovery task
+READINESS_PROBE = "eas:readiness-probe"  # written by /readyz
 
 # Plain fields of ours in RQ's job hash (Lua scripts must read them; RQ's `meta` is pickled). The .lua
 # files spell these names too.

@@ -13,11 +13,17 @@ AWAY = (redis.ConnectionError, redis.TimeoutError)  # includes BusyLoadingError 
 _REFUSING_PREFIXES = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY", "TRYAGAIN", "MASTERDOWN")
 
 
+# redis-py drops the error code from the message of the errors it has a class for: put it back.
+_CODES = {redis.exceptions.OutOfMemoryError: "OOM", redis.exceptions.ReadOnlyError: "READONLY"}
+
+
+def _code(error: redis.RedisError) -> str:
+    return next((code for kind, code in _CODES.items() if isinstance(error, kind)), "")
+
+
 def refuses_writes(error: redis.RedisError) -> bool:
     text = str(error).lstrip()
-    return isinstance(error, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)) or any(
-        text.startswith(prefix) or f" {prefix} " in text[:80] for prefix in _REFUSING_PREFIXES
-    )
+    return bool(_code(error)) or any(text.startswith(prefix) for prefix in _REFUSING_PREFIXES)
 
 
 def passing(error: redis.RedisError) -> bool:
@@ -28,7 +34,13 @@ def passing(error: redis.RedisError) -> bool:
 def describe(error: redis.RedisError) -> str:
     """One line for a client or an operator: what is wrong with Redis (no addresses, no secrets)."""
     if refuses_writes(error):
-        return "Redis refuses writes: " + " ".join(str(error).split())[:200]
+        text = " ".join(str(error).split())[:200]
+        code = _code(error)
+        return (
+            f"Redis refuses writes: {code} {text}"
+            if code and not text.startswith(code)
+            else (f"Redis refuses writes: {text}")
+        )
     return "the queue's storage (Redis) is unavailable"
 
 

@@ -180,7 +180,7 @@ class QueueWorker(BaseWorker):
         Heartbeats lapse meanwhile, so heartbeat first and give the other workers time to do the same
         before recovery may treat their requests as abandoned."""
         if redis_errors.passing(error):
-            self.log.warning("Worker %s: %s (%s)", self.name, redis_errors.describe(error), error)
+            self.log.warning("Worker %s: %s", self.name, redis_errors.describe(error))
         else:
             self.log.exception("Worker %s: Redis error", self.name)
         self.schedule.run_next("heartbeat")
