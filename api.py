@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.routing import PathConverter
 
 import forwarding
+import keys
 import lifecycle
 import queueing
+import redis_errors
 from auth import check_token
 from errors import ApiError
 from settings import Settings, is_service_name
@@ -22,6 +25,14 @@ RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
 SINK_PARAMETERS = {"request_id"}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
+BODY_IDLE_TIMEOUT = 10.0  # seconds a request body may send nothing before the client gets 408
+
+
+class SubpathConverter(PathConverter):
+    """Werkzeug's `path`, but matching every character: its `.` stops at a newline, so a subpath with CR or
+    LF would not reach validation and would get 404 instead of 400."""
+
+    regex = r"[^/][\s\S]*?"
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ def context() -> ApiContext:
 
 
 @bp.post("/api/predict/<service>")
-@bp.post("/api/predict/<service>/<path:subpath>")
+@bp.post("/api/predict/<service>/<subpath:subpath>")
 def submit(service: str, subpath: str = "") -> Response:
     ctx = context()
     check_service(ctx.settings, service)
@@ -86,7 +97,19 @@ def cancel(service: str) -> tuple[Response, int]:
 
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
-    context().connection.ping()
+    """Liveness: the process answers, whatever Redis does (an orchestrator must not restart every API
+    process during a Redis outage)."""
+    return jsonify(status="ok"), 200
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Readiness: Redis answers and accepts writes (a full, read-only or misconfigured Redis refuses them,
+    and a submit would get 503)."""
+    try:
+        context().connection.set(keys.READINESS_PROBE, 1, ex=60)  # only a write shows that writes work
+    except redis.RedisError as error:
+        return jsonify(status="unavailable", error=redis_errors.describe(error)), 503
     return jsonify(status="ok"), 200
 
 
@@ -96,6 +119,9 @@ def healthz() -> tuple[Response, int]:
 def check_service(settings: Settings, service: str) -> None:
     if not is_service_name(service):
         raise ApiError(400, "service name must be 1-128 letters, digits, '_', '-' or '.'")
+    lookalike = settings.lookalike_of(service)
+    if lookalike:
+        raise ApiError(400, f"service name differs from the configured service {lookalike!r} only by case or dots")
     check_token(settings, service)
     if settings.listed_services_only and service not in settings.services:
         raise ApiError(404, f"unknown service {service!r}")
@@ -151,6 +177,23 @@ def submission_from_request(settings: Settings, service: str, subpath: str) -> q
 
 
 def read_body(limit: int) -> bytes:
+    """The body, or 408 once no byte of it has arrived for BODY_IDLE_TIMEOUT seconds: under gevent a stalled
+    client would otherwise hold its greenlet (and its connection) for ever. A slow upload that keeps moving
+    is not cut off. Bounded through the connection's socket, which gunicorn puts in the environ."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return _read_body(limit)
+    previous = sock.gettimeout()
+    sock.settimeout(BODY_IDLE_TIMEOUT)
+    try:
+        return _read_body(limit)
+    except TimeoutError:
+        raise ApiError(408, f"no part of the body arrived for {BODY_IDLE_TIMEOUT:g} seconds") from None
+    finally:
+        sock.settimeout(previous)
+
+
+def _read_body(limit: int) -> bytes:
     """The body, or 413 if it is longer than `limit`: checked against Content-Length, and counted while
     reading a chunked body (werkzeug would silently cut such a body at MAX_CONTENT_LENGTH)."""
     environ, length = request.environ, request.content_length

@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.json.sort_keys = False  # keep the sink's fields in the order they are documented
     app.url_map.merge_slashes = False  # `a//b` is a bad subpath (400), not a redirect to `a/b`
+    app.url_map.converters["subpath"] = api.SubpathConverter
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = queueing.connect(settings.redis_url, settings.redis_timeout)
     app.extensions["eas_queue"] = api.ApiContext(settings, connection, queueing.Enqueuer(connection, settings))

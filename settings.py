@@ -63,12 +63,24 @@ class Settings:
             return override.target_api_base_url
         return self.target_api_base_url
 
+    def lookalike_of(self, service: str) -> str | None:
+        """The configured service that `service` differs from only by case or trailing dots, if any: such a
+        name would reach the same model without that service's own tokens."""
+        if service in self.services or not self.services:
+            return None
+        folded = _fold(service)
+        return next((name for name in self.services if _fold(name) == folded), None)
+
     def tokens_for(self, service: str) -> tuple[str, ...]:
         """Tokens accepted for `service`: its own list if it has one, else the global list."""
         override = self.services.get(service)
         if override and override.tokens:
             return override.tokens
         return self.tokens
+
+
+def _fold(name: str) -> str:
+    return name.rstrip(".").lower()
 
 
 # --- value checks: each takes the raw value and returns the clean one, or raises ValueError ---

@@ -76,3 +76,11 @@ def test_failure_is_200_with_error_info(api, workers, db):
     assert state["message"] == "Task failed."
     assert state["error_info"] == "the model answered HTTP 422: nope"
     assert "result" not in state
+
+
+def test_a_request_id_with_a_trailing_newline_is_refused(api, db):
+    request_id = api.submit_ok()
+    for bad in (f"{request_id}%0A", f"{request_id}%0D%0A", f"%0A{request_id}"):
+        response = requests.get(f"{api.url}/api/predict/svc/sink?request_id={bad}", headers=AUTH, timeout=5)
+        assert response.status_code == 400, bad
+        assert response.json()["error"].startswith("request_id is not a request id")

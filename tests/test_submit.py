@@ -238,3 +238,21 @@ def test_the_job_is_what_rqs_own_enqueue_writes(redis_server, db):
     assert zlib.decompress(ours.pop(b"data")) == zlib.decompress(rqs.pop(b"data"))
     assert ours == rqs
     assert Job.fetch(request_id, connection=db).args == job.args
+
+
+def test_names_that_only_look_like_a_configured_service_are_refused(make_api, db):
+    """`PRIVATE` or `private.` would reach the same model as `private` without its own tokens."""
+    api = make_api(toml='[services.private]\ntokens = ["private-token"]\n')
+    for name in ("PRIVATE", "private.", "Private..", "pRivate"):
+        response = api.submit(name)  # with a global token
+        assert response.status_code == 400, name
+        assert "'private'" in response.json()["error"]
+    assert nothing_enqueued(db)
+
+
+def test_control_characters_in_a_subpath_are_a_bad_request(api, db):
+    for subpath in ("a%0D%0Ab", "a%0Ab", "%0D", "a/%0A/b"):
+        status, body = raw_post(api, f"/api/predict/svc/{subpath}")
+        assert status == 400, subpath
+        assert b"subpath" in body
+    assert nothing_enqueued(db)
