@@ -15,13 +15,19 @@ from typing import Any
 import redis
 from rq.job import JobStatus
 from rq.results import Result
+from rq.serializers import DefaultSerializer
 from rq.utils import now, utcformat
 
 import keys
 import redis_scripts
 from forwarding import Attempt
 from inflight import InFlight
+from queueing import FORWARD_FUNCTION
 from settings import Settings
+
+# What a finished request keeps as RQ's job `data`: the job function without the request, so that
+# Job.fetch still works on every request id (RQ reads `data` uncompressed when it is not zlib).
+FINISHED_JOB_DATA = DefaultSerializer.dumps((FORWARD_FUNCTION, None, (), {}))
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class OutcomeRecorder:
         taken their requests from this worker)."""
         clock, ended_at = time.time(), now()
         args: list[Any] = [utcformat(ended_at), keys.JOB_PREFIX, keys.RESULTS_PREFIX]
-        args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX]
+        args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX, FINISHED_JOB_DATA]
         for item, attempt in batch:
             args += self.decide(item, attempt, clock, ended_at).script_args(item)
         return int(self.script(keys=self.keys, args=args))

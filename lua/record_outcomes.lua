@@ -12,7 +12,26 @@ local worker_key = KEYS[3]
 local now_text = ARGV[1] -- RQ's timestamp format
 local job_prefix, results_prefix = ARGV[2], ARGV[3]
 local execution_prefix, executions_registry_prefix = ARGV[4], ARGV[5]
-local first_record = 6 -- then per request: 10 values, then its result field/value pairs
+local finished_job_data = ARGV[6] -- the `data` a finished request keeps: its function, not the request
+local first_record = 7 -- then per request: 10 values, then its result field/value pairs
+
+-- A finished request drops its body: nothing runs it again (RQ requeues failed jobs only), and it is most
+-- of what a result would keep for `result_ttl`. The hash is written afresh, so that Redis stores the
+-- now-small hash as a listpack: 688 B instead of 1,784 B for the same fields (MEMORY USAGE, Redis 7.0).
+local function drop_request_body(job_key)
+  local fields = redis.call('HGETALL', job_key)
+  local kept = {}
+  for f = 1, #fields, 2 do
+    local name, value = fields[f], fields[f + 1]
+    if name == 'data' then value = finished_job_data end
+    if name ~= 'eas_last_error' then
+      kept[#kept + 1] = name
+      kept[#kept + 1] = value
+    end
+  end
+  redis.call('DEL', job_key)
+  redis.call('HSET', job_key, unpack(kept))
+end
 
 local finished, failed, stale = 0, 0, 0
 local i = first_record
@@ -31,6 +50,7 @@ while i <= #ARGV do
     redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
     if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
     if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
+    if status == 'finished' then drop_request_body(job_key) end
     redis.call('ZADD', next_registry, next_score, id)
     if result_field_count > 0 then
       local results = results_prefix .. id

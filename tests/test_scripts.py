@@ -200,3 +200,22 @@ def test_requeue_orphan_checks_again_before_requeueing(db, enqueue):
     assert run(lost, "started") == 0  # its status moved on since the sweep saw it
     assert run(lost, "queued") == 1
     assert db.lrange(q.queue, 0, -1) == [lost.encode(), waiting.encode()]  # at the front
+
+
+def test_a_finished_request_keeps_no_body_and_stays_readable(redis_server, db, settings, enqueue):
+    """Issue: a finished request kept its body for result_ttl. Now it keeps its description, service and
+    result; Job.fetch and the dashboard still work on it; a failed one keeps its body (it can be requeued)."""
+    body = b'{"input": "' + b"x" * 2000 + b'"}'
+    done, failed = enqueue(body=body), enqueue(body=body)
+    worker = queue_worker(redis_server, settings)
+    items = worker._claim(2)
+    recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
+    attempts = {done: Attempt(result={"status": "success"}), failed: Attempt(error="HTTP 400", retryable=False)}
+    recorder.record([(item, attempts[item.job.id]) for item in items])
+    finished = Job.fetch(done, connection=db)
+    assert finished.args == () and finished.func_name == "worker.forward"
+    assert finished.description == "POST /api/predict/svc"
+    assert finished.return_value() == {"status": "success"}
+    assert db.object("encoding", keys.job_key(done)) == b"listpack"  # small again, so stored compactly
+    assert db.ttl(keys.job_key(done)) > 0
+    assert Job.fetch(failed, connection=db).args[4] == body
