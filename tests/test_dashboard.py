@@ -1,8 +1,10 @@
 """rq-dashboard at /rq, behind HTTP Basic auth whose password is an API token."""
 
+import re
+
 import requests
 
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, wait_for
 
 
 def test_dashboard_needs_a_token_as_password(api, db):
@@ -61,3 +63,85 @@ def test_dashboard_actions_must_come_from_its_own_pages(api, workers, db):
     assert api.state(request_id)["status"] == "FAILURE"  # nothing was requeued
     ok = requests.post(requeue, auth=auth, headers={"Referer": f"{api.url}/rq/0/view/jobs"}, timeout=5)
     assert ok.status_code == 200
+
+
+def test_requeue_of_a_job_that_is_not_failed_answers_409(api, workers, db):
+    """A second Requeue (the job is queued again, or done) is a conflict with a reason, never a 500."""
+    request_id = api.submit_ok(params={"status": "400"})
+    workers.start()
+    api.wait_status(request_id, "FAILURE")
+    workers.stop_all()  # so that it stays queued between the two clicks
+    auth, origin = ("ops", TOKEN), {"Origin": api.url}
+    requeue = f"{api.url}/rq/job/{request_id}/requeue"
+    first = requests.post(requeue, auth=auth, headers=origin, timeout=5)
+    assert first.status_code == 200 and first.json()["status"] == "OK"
+    again = requests.post(requeue, auth=auth, headers=origin, timeout=5)
+    assert again.status_code == 409, again.text
+    assert again.json() == {"error": "only a failed job can be requeued; this one is queued", "status": "queued"}
+    workers.start()
+    assert api.wait_status(request_id, "FAILURE")["attempts"] == 2  # requeued once, run again
+    missing = requests.post(f"{api.url}/rq/job/{'0' * 8}-0000-4000-8000-{'0' * 12}/requeue", auth=auth, headers=origin)
+    assert missing.status_code == 404 and missing.json() == {"error": "not found"}
+
+
+def test_requeue_all_skips_jobs_that_are_gone(api, workers, db):
+    """Requeue All over a failed registry whose job expired meanwhile requeues the others, no 500."""
+    gone, kept = api.submit_ok(params={"status": "400"}), api.submit_ok(params={"status": "400"})
+    workers.start()
+    api.wait_status(gone, "FAILURE")
+    api.wait_status(kept, "FAILURE")
+    db.delete(f"rq:job:{gone}")  # as when its hash expires before the registry's entry is cleaned
+    answer = requests.post(f"{api.url}/rq/requeue/default", auth=("ops", TOKEN), headers={"Origin": api.url})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"status": "OK", "count": 1}
+    assert api.wait_status(kept, "FAILURE")["attempts"] == 2  # it ran again
+
+
+def test_workers_list_shows_the_request_not_its_body(api, workers, db):
+    """The workers list said `worker.forward('svc', ..., b'<the whole body>')`; now what, not the body."""
+    body = b'{"secret": "BODY-MUST-NOT-SHOW-' + b"x" * 100 + b'"}'
+    params = {"_priority_": "1", "fail_first": "1", "delay": "3"}
+    request_id = api.submit_ok(body=body, params=params)
+    workers.start(env={"EAS_QUEUE_FORWARD_TIMEOUT": "30"})
+    url = api.url + "/rq/0/data/workers.json"
+
+    def busy_on_second_attempt() -> dict | None:
+        listed = requests.get(url, auth=("ops", TOKEN), timeout=5)
+        assert b"BODY-MUST-NOT-SHOW" not in listed.content
+        current = listed.json()["workers"][0]["current_job"] if listed.json()["workers"] else "idle"
+        return current if current != "idle" and current["attempt"] == 2 else None
+
+    current = wait_for(busy_on_second_attempt, 30, "the worker to forward the second attempt")
+    assert current["job_id"] == request_id
+    assert current["service"] == "svc" and current["priority"] is True
+    assert current["body_bytes"] == len(body)
+    assert current["last_error"].startswith("the model answered HTTP 503")
+    assert current["call_string"].startswith(f"svc, priority, {len(body):,} bytes, attempt 2, last error: ")
+    assert current["description"] == "POST /api/predict/svc"
+
+
+def test_dashboard_pages_carry_a_content_security_policy(api, db):
+    """Only the dashboard's own files and its nonce'd inline script may run, whatever a page shows."""
+    auth = ("ops", TOKEN)
+    pages = [requests.get(api.url + "/rq/0/view/jobs", auth=auth, timeout=5) for _ in range(2)]
+    nonces = []
+    for page in pages:
+        policy = page.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        nonce = re.search(r"'nonce-([^']+)'", policy).group(1)
+        assert f'<script type="text/javascript" nonce="{nonce}">' in page.text
+        assert "'unsafe-inline'" not in policy.split("script-src")[1].split(";")[0]
+        nonces.append(nonce)
+    assert nonces[0] != nonces[1]
+    data = requests.get(api.url + "/rq/0/data/queues.json", auth=auth, timeout=5)
+    assert "Content-Security-Policy" in data.headers and data.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" not in requests.get(api.url + "/healthz", timeout=5).headers
+
+
+def test_the_favicon_link_resolves(api, db):
+    auth = ("ops", TOKEN)
+    page = requests.get(api.url + "/rq/", auth=auth, timeout=5).text
+    href = re.search(r'<link rel="shortcut icon" href="([^"]+)"', page).group(1)
+    icon = requests.get(api.url + href, auth=auth, timeout=5)
+    assert icon.status_code == 200, href
+    assert icon.headers["Content-Type"].startswith("image/")
