@@ -10,7 +10,8 @@ rq-dashboard 0.9.0 is used as it ships, with a few changes made here rather than
   loudly instead of silently serving the unpatched page.
 - Every /rq answer carries a Content-Security-Policy that allows only the dashboard's own files and its one
   inline script (by a per-response nonce): injected markup cannot run script even if escaping were missed.
-- Requeue of a job that is not failed (already requeued) answers 409 with the reason, not a 500.
+- Requeue of a job that is not failed (already requeued) answers 409 with the reason, not a 500; a
+  requeued request is put back in the open-requests index (`lifecycle.requeue_failed`) for the crash sweep.
 - The workers list shows what a request is (service, priority, body size, attempt, last error), never the
   job's call string, which holds the whole request body.
 - The favicon link points at the dashboard's own favicon (it pointed at the app's missing /static/).
@@ -31,6 +32,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 
 import keys
+import lifecycle
 from auth import token_accepted
 from forwarding import ModelRequest
 from queueing import FORWARD_FUNCTION
@@ -104,7 +106,7 @@ def requeue_one(job_id: str) -> Response:
     """Requeue a failed job; 409 with its status if it is not failed (e.g. requeued already)."""
     job = Job.fetch(job_id, connection=_redis())  # NoSuchJobError: 404 (errors.py)
     try:
-        job.requeue()
+        lifecycle.requeue_failed(_redis(), job)  # RQ's requeue, back in the open-requests index too
     except InvalidJobOperation:
         status = job.get_status(refresh=True)
         state = status.value if status else "unknown"
@@ -118,7 +120,7 @@ def requeue_all(queue_name: str) -> Response:
     count = 0
     for job_id in registry.get_job_ids(cleanup=False):
         try:
-            Job.fetch(job_id, connection=_redis()).requeue()
+            lifecycle.requeue_failed(_redis(), Job.fetch(job_id, connection=_redis()))
             count += 1
         except (InvalidJobOperation, NoSuchJobError):
             pass

@@ -18,6 +18,7 @@ from flask import Flask
 
 import api
 import queueing
+from admin import queue_cli
 from dashboard import add_dashboard
 from errors import register_error_handlers
 from settings import Settings, get_settings
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     add_dashboard(app, settings)
     register_error_handlers(app)
+    app.cli.add_command(queue_cli)  # flask --app eas_queue queue ... (admin.py)
     return app
 
 

@@ -198,6 +198,15 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
     return RequestState(status=RequestStatus.PENDING, error=_text(raw[keys.LAST_ERROR_FIELD]), **common)
 
 
+def requeue_failed(connection: redis.Redis, job: Job) -> Job:
+    """RQ's own requeue of a failed request (Job.requeue), indexed in `eas:open` first so that the crash
+    sweep covers it from the moment it is queued again. Scored by Redis's clock now: the sweep leaves
+    entries younger than its age alone. Raises InvalidJobOperation if the job is not failed; the entry then
+    does no harm (the request is open already, or has ended and the sweep drops it)."""
+    connection.zadd(keys.OPEN_REQUESTS, {job.id: clock_seconds(connection.time())}, nx=True)
+    return job.requeue()
+
+
 def cancel(connection: redis.Redis, request_id: str, ttl: int) -> CancelOutcome:
     """Cancels a request that has not started; otherwise says why it cannot be."""
     job_key = keys.job_key(request_id)
