@@ -173,6 +173,8 @@ def submission_from_request(settings: Settings, service: str, subpath: str) -> q
         priority=priority == "1",
         ttl=ttl,
         idempotency_key=key,
+        raw_query=forwarding.forwarded_query(request.query_string),
+        content_encoding=headers.get("Content-Encoding"),
     )
 
 

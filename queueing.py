@@ -78,10 +78,13 @@ class Submission:
     priority: bool
     ttl: float | None  # seconds it may wait in the queue; None: no limit
     idempotency_key: str | None
+    raw_query: str | None = None  # what the model gets (forwarding.forwarded_query); None: `query` encoded
+    content_encoding: str | None = None
 
     @property
     def model_request(self) -> ModelRequest:
-        return ModelRequest(self.service, self.subpath, self.query, self.content_type, self.body)
+        query = self.query if self.raw_query is None else self.raw_query
+        return ModelRequest(self.service, self.subpath, query, self.content_type, self.body, self.content_encoding)
 
 
 EnqueueOutcome = Literal["queued", "duplicate", "conflict", "full"]  # conflict: same key, another request
@@ -106,8 +109,9 @@ def _queue_name(submission: Submission) -> str:
 
 def _job_args(submission: Submission) -> tuple:
     """The arguments of worker.forward: the ModelRequest as a plain tuple (a NamedTuple would pickle its
-    class path into every job)."""
-    return tuple(submission.model_request)
+    class path into every job); five of them, as before content encodings, when there is none."""
+    args = tuple(submission.model_request)
+    return args if submission.content_encoding else args[:5]
 
 
 def _description(submission: Submission) -> str:
@@ -119,6 +123,8 @@ def _fingerprint(submission: Submission) -> str:
     digest = hashlib.sha256()
     for part in (submission.subpath, repr(submission.query), submission.content_type or "", str(submission.priority)):
         digest.update(part.encode() + b"\0")
+    if submission.content_encoding:  # only then, so a key's fingerprint is the same as before it existed
+        digest.update(b"content-encoding:" + submission.content_encoding.encode() + b"\0")
     digest.update(submission.body)
     return digest.hexdigest()
 

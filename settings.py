@@ -51,6 +51,7 @@ class Settings:
     failure_ttl: int
     queue_ttl: float
     forward_timeout: float
+    max_result_bytes: int
     retry_intervals: tuple[float, ...]
     worker_concurrency: int
     listed_services_only: bool
@@ -159,6 +160,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "failure_ttl": _integer(1),
     "queue_ttl": _number(0),
     "forward_timeout": _number(0, exclusive=True),
+    "max_result_bytes": _integer(1),
     "retry_intervals": _intervals,
     "worker_concurrency": _integer(1),
     "listed_services_only": _boolean,

@@ -50,15 +50,22 @@ class ForwardError(Exception):
 
 def attempt(settings: Settings, request_id: str, request: ModelRequest) -> Attempt:
     """One forwarding attempt, with the worker's settings for the service."""
-    return forwarding.send(settings.target_for(request.service), request_id, request, settings.forward_timeout)
+    target = settings.target_for(request.service)
+    return forwarding.send(target, request_id, request, settings.forward_timeout, settings.max_result_bytes)
 
 
 def forward(
-    service: str, subpath: str, query: tuple[tuple[str, str], ...], content_type: str | None, body: bytes
+    service: str,
+    subpath: str,
+    query: forwarding.Query,
+    content_type: str | None,
+    body: bytes,
+    content_encoding: str | None = None,
 ) -> dict[str, Any]:
     """The RQ job function: forwards one request once. RQ retries it (retry_intervals) when it raises.
 
-    Used as is by plain `rq worker`; QueueWorker does the same steps itself, batched.
+    Used as is by plain `rq worker`; QueueWorker does the same steps itself, batched. Jobs queued before
+    raw queries and content encodings were forwarded hold five arguments, `query` as (key, value) pairs.
     """
     job = get_current_job()
     assert job is not None, "worker.forward runs inside an RQ worker"
@@ -72,7 +79,8 @@ def forward(
         job.retries_left = 0
         raise ForwardError("expired before it was started")
     job.connection.hincrby(job.key, keys.ATTEMPTS_FIELD, 1)
-    result = attempt(get_settings(), job.id, ModelRequest(service, subpath, query, content_type, body))
+    request = ModelRequest(service, subpath, query, content_type, body, content_encoding)
+    result = attempt(get_settings(), job.id, request)
     if result.result is not None:
         return result.result
     job.connection.hset(job.key, keys.LAST_ERROR_FIELD, result.error or "")

@@ -7,7 +7,13 @@ when it submits it:
   delay=<seconds>        wait before answering
   echo=1                 answer with the request's own body and Content-Type
   answer=<text>          answer with this text, as `content_type` (default application/json)
-Every request is recorded (arrival time, request id, path, query, headers, body) for the test to inspect.
+  size=<n>               answer n bytes (application/octet-stream), with Content-Length, or
+  chunked=1              without it (Transfer-Encoding: chunked, 1 MB chunks)
+  drip=<seconds>         send the answer's body one byte at a time, this far apart;
+  drip_head=1            from the status line on
+Every request is recorded (arrival time, request id, path, raw and parsed query, headers, body) for the test
+to inspect, and then how many bytes of the answer the model could send before the client hung up (`sent`,
+and `finished`: True if the whole answer went out, False if the client closed the connection first).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ class Received:
     headers: dict[str, str]
     body: bytes
     client: tuple[str, int]  # the TCP connection it came on: reused connections repeat it
+    raw_query: str = ""  # the query string exactly as it arrived
+    sent: int = 0  # bytes of the answer's body written so far
+    finished: bool | None = None  # None while answering
 
 
 @dataclass
@@ -67,24 +76,24 @@ class ModelServer:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query, keep_blank_values=True)
                 request_id = self.headers.get(REQUEST_ID_HEADER, "")
+                record = Received(
+                    time.time(), request_id, url.path, query, dict(self.headers.items()), body, self.client_address
+                )
+                record.raw_query = url.query
                 with model.lock:
-                    model.received.append(
-                        Received(
-                            time.time(),
-                            request_id,
-                            url.path,
-                            query,
-                            dict(self.headers.items()),
-                            body,
-                            self.client_address,
-                        )
-                    )
+                    model.received.append(record)
                     attempt = sum(1 for r in model.received if r.request_id == request_id)
                 if "delay" in query:
                     time.sleep(float(query["delay"][0]))
                 status = int(query.get("status", ["200"])[0])
                 if attempt <= int(query.get("fail_first", ["0"])[0]):
                     status = int(query.get("fail_status", ["503"])[0])
+                if "size" in query:
+                    self.answer_size(record, status, int(query["size"][0]), "chunked" in query)
+                    return
+                if "drip" in query:
+                    self.drip(record, status, float(query["drip"][0]), "drip_head" in query)
+                    return
                 if "echo" in query and status < 300:
                     content_type = self.headers.get("Content-Type", "application/octet-stream")
                     answer = body
@@ -100,6 +109,44 @@ class ModelServer:
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
+                record.sent, record.finished = len(answer), True
+
+            def answer_size(self, record: Received, status: int, size: int, chunked: bool) -> None:
+                block = b"x" * min(size, 1 << 20)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    while record.sent < size:
+                        part = block[: size - record.sent]
+                        self.wfile.write(b"%x\r\n%b\r\n" % (len(part), part) if chunked else part)
+                        record.sent += len(part)
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                    record.finished = True
+                except OSError:  # the client hung up before the whole answer went out
+                    record.finished = False
+                    self.close_connection = True
+
+            def drip(self, record: Received, status: int, every: float, from_head: bool) -> None:
+                body = b'{"dripped": true}'
+                head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                head += f"Content-Length: {len(body)}\r\n\r\n"
+                try:
+                    if not from_head:
+                        self.wfile.write(head.encode())
+                    for byte in (head.encode() if from_head else b"") + body:
+                        time.sleep(every)  # the model's own pace, not a wait of the test's
+                        self.wfile.write(bytes([byte]))
+                        record.sent += 1
+                    record.finished = True
+                except OSError:
+                    record.finished = False
+                    self.close_connection = True
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
