@@ -52,7 +52,16 @@ def _unexpected(error: Exception) -> tuple[Response, int]:
     return jsonify(error="internal error"), 500
 
 
+def _json_redirect(response: Response) -> Response:
+    """Werkzeug's redirects (e.g. `/rq` to `/rq/`) carry a small HTML page; say the same in JSON."""
+    if 300 <= response.status_code < 400 and response.mimetype == "text/html" and response.location:
+        response.set_data(jsonify(error="moved: follow Location", location=response.location).get_data())
+        response.content_type = "application/json"
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
+    app.after_request(_json_redirect)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(redis.RedisError, _redis_error)
     app.register_error_handler(HTTPException, _http_error)

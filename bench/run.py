@@ -467,13 +467,16 @@ def start_nginx(stack: Stack) -> None:
 
 
 def start_gunicorn(stack: Stack, name: str, app: str, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """An app under gunicorn as the Procfile runs it; returns once a real POST answers 200."""
+    """An app under gunicorn as the Procfile runs it (server.py's gevent workers, preloaded); returns once a
+    real POST answers 200. PYTHONPATH lets the bare app, run from bench/, use the same server.py."""
     port = free_port()
+    env = {**env, "PYTHONPATH": str(ROOT)}
     command = [
         str(BIN / "gunicorn"),
+        "--config",
+        "python:server",
         "--workers",
         str(GUNICORN_WORKERS),
-        "--preload",
         "--no-control-socket",
         "--bind",
         f"127.0.0.1:{port}",
@@ -601,7 +604,7 @@ def run_wrk(stack: Stack, url: str, seconds: int) -> dict[str, Any]:
 
 
 def measure_enqueue(stack: Stack, cfg: Config) -> Row:
-    row = Row("1. Enqueue req/s (wrk 32 conn, 1 KB POST; gunicorn 4 sync)")
+    row = Row("1. Enqueue req/s (wrk 32 conn, 1 KB POST; gunicorn 4 gevent)")
     bare_env = {**stack.env(stack.nginx_url), "BENCH_REDIS_URL": stack.redis_url}
     bare_env = {k: v for k, v in bare_env.items() if not k.startswith("EAS_QUEUE_")}
     bare, bare_url = start_gunicorn(stack, "bare-app", "bare_app:app", BENCH, bare_env)
@@ -650,6 +653,94 @@ def measure_enqueue(stack: Stack, cfg: Config) -> Row:
     )
     if problems:
         row.error = "; ".join(problems)
+    return row
+
+
+# --- 1b. slow clients ------------------------------------------------------------------------------
+
+SLOW_CLIENTS = 200  # connections trickling their headers (half) or their body (half), a byte at a time
+TRICKLE_EVERY = 0.5  # seconds between two bytes on each slow connection
+
+
+class SlowClients:
+    """SLOW_CLIENTS raw connections to the API, half sending headers that never end, half a 1 MB body,
+    a byte each per `trickle()`. One the server closes (headers take longer than its bound) is opened again,
+    so all of them stay open, as an attacker's would. No thread: the caller trickles between its requests."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.address = (host, int(port))
+        self.head = f"POST /api/predict/{SERVICE} HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n".encode()
+        self.reopened = 0
+        self.sockets = [self._open(i) for i in range(SLOW_CLIENTS)]
+        self.last = time.monotonic()
+
+    def _open(self, index: int) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=5)
+        if index % 2:
+            sock.sendall(self.head + b"Content-Length: 1048576\r\n\r\n")  # a body, trickled from here
+        else:
+            sock.sendall(self.head + b"X-Slow: ")  # headers, never finished
+        return sock
+
+    def trickle(self) -> None:
+        if time.monotonic() - self.last < TRICKLE_EVERY:
+            return
+        self.last = time.monotonic()
+        for index, sock in enumerate(self.sockets):
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                sock.close()
+                self.sockets[index] = self._open(index)
+                self.reopened += 1
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def measure_slow_clients(stack: Stack, cfg: Config) -> Row:
+    """Latency of normal submits (each on a new connection) while SLOW_CLIENTS connections trickle bytes,
+    beside the same submits with none, alternating the two."""
+    row = Row(f"1b. Submit latency p99 beside {SLOW_CLIENTS} slow clients (gunicorn 4 gevent)")
+    seconds = 2.0 if cfg.quick else 8.0  # longer than server.py's 5 s header bound: closed ones are reopened
+    url = f"{stack.api_url}/api/predict/{SERVICE}"
+    headers = {"Authorization": TOKEN, "Content-Type": "application/json"}
+    samples: dict[str, list[float]] = {"quiet": [], "slow": []}
+    p99s: dict[str, list[float]] = {"quiet": [], "slow": []}
+    for repeat in range(cfg.repeats):
+        for kind in ("quiet", "slow") if repeat % 2 == 0 else ("slow", "quiet"):
+            slow = SlowClients(stack.api_url) if kind == "slow" else None
+            times: list[float] = []
+            try:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    if slow:
+                        slow.trickle()
+                    began = time.perf_counter()
+                    answer = requests.post(url, data=stack.body, headers=headers, timeout=30)
+                    times.append(time.perf_counter() - began)
+                    if answer.status_code != 200:
+                        raise BenchError(f"a submit beside slow clients answered {answer.status_code}")
+            finally:
+                if slow:
+                    slow.close()
+            samples[kind] += times
+            p99s[kind].append(percentile(times, 99) * 1000)
+            extra = f", {slow.reopened} slow connections reopened after the server closed them" if slow else ""
+            row.runs.append(
+                f"run {repeat + 1} {kind}: {len(times)} submits, p50 {percentile(times, 50) * 1000:.1f} ms "
+                f"p99 {p99s[kind][-1]:.1f} ms max {max(times) * 1000:.1f} ms{extra}"
+            )
+            progress(row.runs[-1])
+    stack.client().flushall()
+    slow_p99, quiet_p99 = median(p99s["slow"]), median(p99s["quiet"])
+    worst = max(samples["slow"]) * 1000
+    row.value = f"p99 {slow_p99:.1f} ms, max {worst:.0f} ms"
+    row.reference = f"no slow clients: p99 {quiet_p99:.1f} ms, max {max(samples['quiet']) * 1000:.0f} ms"
+    row.compare = f"{slow_p99 / quiet_p99:.2f}x; {'meets' if worst < 1000 else 'MISSES'} target max < 1 s"
+    row.notes = f"sequential POSTs for {seconds:g} s per run; slow p99 {spread(p99s['slow'], '{:.1f}')}"
     return row
 
 
@@ -1000,7 +1091,7 @@ def report(rows: list[Row], cfg: Config, info: dict[str, str], seconds: float) -
         f"redis-server {info['redis']}; other processes used {info['others']} of the CPUs before the start "
         '(per step: Notes, "others\' CPU")',
         f"- Setup: all on loopback; {WORKERS} worker processes; API and bare app under gunicorn "
-        f"({GUNICORN_WORKERS} sync workers, --preload); wrk {WRK_THREADS} threads {WRK_CONNECTIONS} connections "
+        f"({GUNICORN_WORKERS} gevent workers, server.py); wrk {WRK_THREADS} threads {WRK_CONNECTIONS} connections "
         f"{cfg.wrk_seconds} s; 1 KB JSON bodies",
         "",
         table(rows),
@@ -1056,6 +1147,7 @@ def run(cfg: Config) -> int:
             _, stack.api_url = start_gunicorn(stack, "api", "eas_queue:app", ROOT, stack.env(stack.nginx_url))
             steps: list[tuple[str, Callable[[Stack, Config], Row | list[Row]]]] = [
                 ("1. enqueue throughput", measure_enqueue),
+                ("1b. latency beside slow clients", measure_slow_clients),
                 ("2. drains against the fast model", measure_fast_drains),
                 ("3. drain against the 100 ms model", measure_slow_drain),
                 ("4. latency", measure_latency),
@@ -1081,7 +1173,7 @@ def run(cfg: Config) -> int:
                 rows.extend(made)
         finally:
             stack.procs.stop_all()
-    order = ["1.", "2.", "2b.", "3.", "4.", "4b.", "5.", "5b."]
+    order = ["1.", "1b.", "2.", "2b.", "3.", "4.", "4b.", "5.", "5b."]
     rows.sort(key=lambda r: order.index(r.name.split(" ")[0]) if r.name.split(" ")[0] in order else len(order))
     text = report(rows, cfg, info, time.monotonic() - STARTED)
     RESULTS.mkdir(exist_ok=True)

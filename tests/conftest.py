@@ -130,13 +130,13 @@ def service_env(redis_url: str, model_url: str, **settings: object) -> dict[str,
 
 
 class Api:
-    """The API under gunicorn, as a user runs it."""
+    """The API under gunicorn, as the Procfile runs it: server.py's gevent workers, preloaded."""
 
     def __init__(self, env: dict[str, str], output: Path | None = None, args: tuple[str, ...] = ()) -> None:
         self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [BIN / "gunicorn", "--workers", "2", "--threads", "4", "--preload", "--no-control-socket"]
+        command = [BIN / "gunicorn", "--config", "python:server", "--workers", "2", "--no-control-socket"]
         command += ["--bind", f"127.0.0.1:{self.port}", "--log-level", "warning", *args, "eas_queue:app"]
         log = output.open("ab") if output else None
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ROWS = (
     "1. Enqueue req/s",
+    "1b. Submit latency p99 beside 200 slow clients",
     "2. Drain jobs/s, fast model",
     "2b. Drain jobs/s, fast model (nginx), 2x stock",
     "3. Drain jobs/s, 100 ms model",

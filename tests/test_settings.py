@@ -97,7 +97,7 @@ def test_bad_files_name_their_key(tmp_path, toml, key):
 @pytest.mark.parametrize(
     "command",
     [
-        [str(BIN / "gunicorn"), "--preload", "--no-control-socket", "--bind", "127.0.0.1:0", "eas_queue:app"],
+        [str(BIN / "gunicorn"), "-c", "python:server", "--no-control-socket", "--bind", "127.0.0.1:0", "eas_queue:app"],
         [str(BIN / "rq"), "worker", "-w", "worker.QueueWorker", "high", "default"],
         [str(BIN / "flask"), "--app", "eas_queue", "routes"],
     ],
