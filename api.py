@@ -16,6 +16,7 @@ import lifecycle
 import queueing
 import redis_errors
 from auth import check_token
+from backpressure import MemoryWatch
 from errors import ApiError
 from settings import Settings, is_service_name
 
@@ -25,6 +26,7 @@ RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
 SINK_PARAMETERS = {"request_id"}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
+REDIS_FULL_RETRY_AFTER = 5  # ... and when Redis is past its memory high-water mark
 BODY_IDLE_TIMEOUT = 10.0  # seconds a request body may send nothing before the client gets 408
 
 
@@ -42,6 +44,7 @@ class ApiContext:
     settings: Settings
     connection: redis.Redis
     enqueuer: queueing.Enqueuer
+    memory: MemoryWatch
 
 
 def context() -> ApiContext:
@@ -58,7 +61,15 @@ def submit(service: str, subpath: str = "") -> Response:
     check_service(ctx.settings, service)
     if subpath == "sink":
         raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
-    queued = ctx.enqueuer.enqueue(submission_from_request(ctx.settings, service, subpath))
+    submission = submission_from_request(ctx.settings, service, subpath)
+    used = ctx.memory.over_high_water()
+    if used is not None:
+        raise ApiError(
+            429,
+            f"Redis is {used:.0%} full (redis_memory_high_water {ctx.settings.redis_memory_high_water:g}); retry later",
+            {"Retry-After": str(REDIS_FULL_RETRY_AFTER)},
+        )
+    queued = ctx.enqueuer.enqueue(submission)
     if queued.outcome == "full":
         raise ApiError(
             429,

@@ -19,6 +19,7 @@ from flask import Flask
 import api
 import queueing
 from admin import queue_cli
+from backpressure import MemoryWatch
 from dashboard import add_dashboard
 from errors import register_error_handlers
 from settings import Settings, get_settings
@@ -33,7 +34,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.converters["subpath"] = api.SubpathConverter
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = queueing.connect(settings.redis_url, settings.redis_timeout)
-    app.extensions["eas_queue"] = api.ApiContext(settings, connection, queueing.Enqueuer(connection, settings))
+    memory = MemoryWatch(connection, settings.redis_memory_high_water)
+    app.extensions["eas_queue"] = api.ApiContext(settings, connection, queueing.Enqueuer(connection, settings), memory)
     app.register_blueprint(api.bp)
     add_dashboard(app, settings)
     register_error_handlers(app)

@@ -43,6 +43,7 @@ class Service:
 class Settings:
     redis_url: str
     redis_timeout: float
+    redis_memory_high_water: float
     target_api_base_url: str
     tokens: tuple[str, ...]
     max_body_bytes: int
@@ -137,6 +138,13 @@ def _number(minimum: float, exclusive: bool = False) -> Callable[[Any], float]:
     return check
 
 
+def _fraction(value: Any) -> float:
+    number = _number(0, exclusive=True)(value)
+    if number > 1:
+        raise ValueError("must be a fraction: more than 0, at most 1")
+    return number
+
+
 def _intervals(value: Any) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)):
         raise ValueError("must be a list of seconds, e.g. [1, 5, 30]")
@@ -152,6 +160,7 @@ def _boolean(value: Any) -> bool:
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "redis_url": _redis_url,
     "redis_timeout": _number(0, exclusive=True),
+    "redis_memory_high_water": _fraction,
     "target_api_base_url": _http_url,
     "tokens": _tokens,
     "max_body_bytes": _integer(1),

@@ -15,16 +15,19 @@ local execution_prefix, executions_registry_prefix = ARGV[4], ARGV[5]
 local finished_job_data = ARGV[6] -- the `data` a finished request keeps: its function, not the request
 local first_record = 7 -- then per request: 10 values, then its result field/value pairs
 
--- A finished request drops its body: nothing runs it again (RQ requeues failed jobs only), and it is most
--- of what a result would keep for `result_ttl`. The hash is written afresh, so that Redis stores the
--- now-small hash as a listpack: 688 B instead of 1,784 B for the same fields (MEMORY USAGE, Redis 7.0).
-local function drop_request_body(job_key)
+-- A finished request drops its body, and the fields that matter only while it may run again: nothing
+-- runs it again (RQ requeues failed jobs only), and the body is most of what it would keep for
+-- `result_ttl`. The hash is written afresh, so that Redis stores the now-small hash as a listpack: 472 B
+-- instead of 1,555 B (MEMORY USAGE, Redis 7.0). Job.fetch and the dashboard read what is left.
+local dropped_when_finished = {eas_last_error = true, last_heartbeat = true, retry_intervals = true,
+  retries_left = true, enqueue_at_front_on_retry = true, timeout = true, failure_ttl = true}
+local function shrink_finished_job(job_key)
   local fields = redis.call('HGETALL', job_key)
   local kept = {}
   for f = 1, #fields, 2 do
     local name, value = fields[f], fields[f + 1]
     if name == 'data' then value = finished_job_data end
-    if name ~= 'eas_last_error' then
+    if not dropped_when_finished[name] then
       kept[#kept + 1] = name
       kept[#kept + 1] = value
     end
@@ -50,7 +53,7 @@ while i <= #ARGV do
     redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
     if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
     if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
-    if status == 'finished' then drop_request_body(job_key) end
+    if status == 'finished' then shrink_finished_job(job_key) end
     redis.call('ZADD', next_registry, next_score, id)
     if result_field_count > 0 then
       local results = results_prefix .. id

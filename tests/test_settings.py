@@ -50,7 +50,7 @@ def test_a_settings_file_is_laid_over_the_defaults(tmp_path):
     )
     settings = load_settings({"EAS_QUEUE_SETTINGS": str(path)})
     assert settings.tokens == ("site",)
-    assert settings.result_ttl == 86400  # untouched defaults stay
+    assert settings.result_ttl == 3600  # untouched defaults stay
     assert settings.target_for("big") == "https://gpu:8443"
     assert settings.tokens_for("big") == ("big-token",)
     assert settings.target_for("other") == "http://localhost:5001"
