@@ -4,6 +4,7 @@ lifecycle.py; each validation failure is an ApiError, answered as JSON by errors
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import redis
@@ -18,12 +19,15 @@ import redis_errors
 from auth import check_token
 from backpressure import MemoryWatch
 from errors import ApiError
+from notifier import EndedNotifier
 from settings import Settings, is_service_name
 
 bp = Blueprint("api", __name__)
 
 RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
-SINK_PARAMETERS = {"request_id"}
+ID_PARAMETERS = {"request_id", "requestId"}  # requestId: the EAS SDKs' name
+SINK_PARAMETERS = ID_PARAMETERS | {"_timeout_", "_raw_"}
+MAX_WAIT = 60.0  # seconds a client may wait for a request to end (_timeout_)
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
 REDIS_FULL_RETRY_AFTER = 5  # ... and when Redis is past its memory high-water mark
@@ -45,6 +49,7 @@ class ApiContext:
     connection: redis.Redis
     enqueuer: queueing.Enqueuer
     memory: MemoryWatch
+    notifier: EndedNotifier
 
 
 def context() -> ApiContext:
@@ -84,10 +89,21 @@ def submit(service: str, subpath: str = "") -> Response:
 
 
 @bp.get("/api/predict/<service>/sink")
-def sink(service: str) -> tuple[Response, int]:
+def sink(service: str) -> tuple[Response, int] | Response:
     ctx = context()
     check_service(ctx.settings, service)
-    state = known_state(ctx.connection, service, sink_request_id())
+    request_id = sink_request_id(SINK_PARAMETERS)
+    wait, raw = wait_parameter(), single_parameter("_raw_") in ("true", "1")
+    state = known_state(ctx.connection, service, request_id)
+    if wait and not state.status.ended:
+        # A long-poll: answered the moment the request ends (notifier.py), or when the wait is over.
+        def ended() -> lifecycle.RequestState | None:
+            current = known_state(ctx.connection, service, request_id)
+            return current if current.status.ended else None
+
+        state = ctx.notifier.wait_until(ended, wait, request_id=request_id) or state
+    if raw:
+        return raw_answer(state)
     return jsonify(state.record()), 200 if state.status.ended else 202
 
 
@@ -95,7 +111,7 @@ def sink(service: str) -> tuple[Response, int]:
 def cancel(service: str) -> tuple[Response, int]:
     ctx = context()
     check_service(ctx.settings, service)
-    request_id = sink_request_id()
+    request_id = sink_request_id(ID_PARAMETERS)
     known_state(ctx.connection, service, request_id)  # 404 unless it is this service's
     outcome = lifecycle.cancel(ctx.connection, request_id, ctx.settings.result_ttl)
     state = known_state(ctx.connection, service, request_id)
@@ -228,16 +244,47 @@ def _read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def sink_request_id() -> str:
-    unknown = sorted(set(request.args) - SINK_PARAMETERS)
+def sink_request_id(allowed: set[str]) -> str:
+    unknown = sorted(set(request.args) - allowed)
     if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (the sink takes request_id)")
-    request_id = single_parameter("request_id")
+        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (here: {', '.join(sorted(allowed))})")
+    request_id = single_parameter("request_id") or single_parameter("requestId")
     if not request_id:
         raise ApiError(400, "request_id query parameter is required")
     if not queueing.is_request_id(request_id):
         raise ApiError(400, "request_id is not a request id (a lowercase UUID)")
     return request_id
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)?")
+
+
+def wait_parameter() -> float:
+    """`_timeout_`: seconds, or an EAS duration (`5s`, `500ms`, `1m`), at most MAX_WAIT; 0 when absent."""
+    text = single_parameter("_timeout_")
+    if text is None:
+        return 0.0
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ApiError(400, "_timeout_ must be seconds or a duration such as 5s or 500ms")
+    seconds = float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match[2]]
+    if seconds > MAX_WAIT:
+        raise ApiError(400, f"_timeout_ may be at most {MAX_WAIT:g}s")
+    return seconds
+
+
+def raw_answer(state: lifecycle.RequestState) -> tuple[Response, int] | Response:
+    """`_raw_=true`: the model's own status code, content type and body once the request succeeded; 202
+    and no body until it ends; the JSON record for a request that ended otherwise."""
+    if state.status == lifecycle.RequestStatus.SUCCESS:
+        code, content_type, body = forwarding.decode_answer(state.result)
+        response = Response(body, status=code, content_type=content_type or None)
+    elif state.status.ended:
+        response = jsonify(state.record())
+    else:
+        response = Response(b"", status=202)
+    response.headers["X-Eas-Queueservice-Status"] = state.status.value
+    return response
 
 
 def known_state(connection: redis.Redis, service: str, request_id: str) -> lifecycle.RequestState:

@@ -22,6 +22,7 @@ from admin import queue_cli
 from backpressure import MemoryWatch
 from dashboard import add_dashboard
 from errors import register_error_handlers
+from notifier import EndedNotifier
 from settings import Settings, get_settings
 
 
@@ -35,7 +36,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = queueing.connect(settings.redis_url, settings.redis_timeout)
     memory = MemoryWatch(connection, settings.redis_memory_high_water)
-    app.extensions["eas_queue"] = api.ApiContext(settings, connection, queueing.Enqueuer(connection, settings), memory)
+    notifier = EndedNotifier(lambda: queueing.connect(settings.redis_url, settings.redis_timeout))
+    enqueuer = queueing.Enqueuer(connection, settings)
+    app.extensions["eas_queue"] = api.ApiContext(settings, connection, enqueuer, memory, notifier)
     app.register_blueprint(api.bp)
     add_dashboard(app, settings)
     register_error_handlers(app)

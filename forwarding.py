@@ -137,6 +137,19 @@ def encode_answer(status_code: int, content_type: str, body: bytes) -> dict[str,
     return answer
 
 
+def decode_answer(answer: dict[str, Any]) -> tuple[int, str, bytes]:
+    """The model's status code, content type and body bytes back from what encode_answer stored. JSON is
+    written out again compactly: the same JSON value, whitespace may differ from the model's."""
+    body, encoding = answer.get("body"), answer.get("body_encoding")
+    if encoding == "json":
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    elif encoding == "base64":
+        data = base64.b64decode(body or "")
+    else:
+        data = (body or "").encode()
+    return int(answer.get("target_status_code", 200)), answer.get("content_type", ""), data
+
+
 def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: " + " ".join(str(error).split())[:ERROR_SNIPPET]
 

@@ -39,6 +39,9 @@ ORPHAN_SUSPECTS = "eas:orphan-suspects"  # set of "<id>:<status>" that looked lo
 IDEMPOTENCY_PREFIX = "eas:idempotency:"  # <prefix><service>:<sha256 of the client's key> -> "<id> <fingerprint>"
 LOCK_PREFIX = "eas:lock:"  # one worker at a time runs each recovery task
 READINESS_PROBE = "eas:readiness-probe"  # written by /readyz
+SINK_LOG_PREFIX = "eas:sink:"  # <prefix><service>: a stream of the service's ended requests, ids 0-<index>
+SINK_INDEXES = "eas:sink-indexes"  # hash: service -> the last sink index given out
+ENDED_CHANNEL = "eas:ended"  # pub/sub: "<service> <index> <request id>" as each request ends
 
 # Plain fields of ours in RQ's job hash (Lua scripts must read them; RQ's `meta` is pickled). The .lua
 # files spell these names too.
@@ -47,6 +50,11 @@ EXPIRES_AT_FIELD = "eas_expires_at"  # unix time (Redis's clock) after which an 
 ATTEMPTS_FIELD = "eas_attempts"  # forwarding attempts so far, counted when an attempt starts
 LAST_ERROR_FIELD = "eas_last_error"  # why the last attempt failed, while the request waits for a retry
 OUTCOME_FIELD = "eas_outcome"  # `canceled` or `expired`: ended without being forwarded
+SINK_INDEX_FIELD = "eas_sink_index"  # its index in the service's sink log, once it has ended
+
+
+def sink_log_key(service: str) -> str:
+    return SINK_LOG_PREFIX + service
 
 
 def job_key(request_id: str) -> str:

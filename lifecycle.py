@@ -30,6 +30,7 @@ from rq.results import Result
 from rq.utils import now, utcformat
 
 import keys
+import redis_scripts
 
 
 class RequestStatus(StrEnum):
@@ -100,6 +101,7 @@ class RequestState:
     result: Any = None
     error: str | None = None
     retry_at: float | None = None
+    sink_index: int | None = None  # its index in the service's sink log, once it has ended (sink_log.py)
 
     def record(self) -> dict[str, Any]:
         """The sink's JSON body for this state."""
@@ -113,6 +115,8 @@ class RequestState:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
         }
+        if self.sink_index is not None:
+            body["index"] = self.sink_index
         if self.status == RequestStatus.SUCCESS:
             body["result"] = self.result
         elif self.status == RequestStatus.FAILURE:
@@ -135,6 +139,7 @@ _VIEW_FIELDS = (
     keys.ATTEMPTS_FIELD,
     keys.LAST_ERROR_FIELD,
     keys.OUTCOME_FIELD,
+    keys.SINK_INDEX_FIELD,
 )
 _FORWARD_ERROR_PREFIX = re.compile(r"^(?:[\w.]+\.)?ForwardError: ")
 
@@ -176,6 +181,7 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
         enqueued_at=_text(raw["enqueued_at"]),
         started_at=_text(raw["started_at"]),
         ended_at=_text(raw["ended_at"]),
+        sink_index=int(raw[keys.SINK_INDEX_FIELD]) if raw[keys.SINK_INDEX_FIELD] else None,
     )
     latest = Result.restore(request_id, results[0][0].decode(), results[0][1], connection) if results else None
     if rq_status == JobStatus.FINISHED and latest and latest.type == Result.Type.SUCCESSFUL:
@@ -230,7 +236,18 @@ def cancel(connection: redis.Redis, request_id: str, ttl: int) -> CancelOutcome:
                 pipe.expire(job_key, ttl)
                 pipe.zadd(CanceledJobRegistry(job.origin, connection=connection).key, {request_id: time.time() + ttl})
                 pipe.zrem(keys.OPEN_REQUESTS, request_id)
+                _append_to_sink_log(pipe, request_id, RequestStatus.CANCELED)
                 pipe.execute()
                 return "canceled"
             except redis.WatchError:
                 continue
+
+
+def _append_to_sink_log(pipe: redis.client.Pipeline, request_id: str, status: RequestStatus) -> None:
+    """Queues the append of an ended request to its service's sink log (sink_log.py) on `pipe`, inside the
+    transaction that ends it."""
+    redis_scripts.register(pipe, "sink_append")(
+        keys=[keys.job_key(request_id), keys.SINK_INDEXES],
+        args=[request_id, status.value, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL],
+        client=pipe,
+    )

@@ -32,6 +32,7 @@ import lifecycle
 import recovery
 import redis_errors
 import redis_scripts
+import sink_log
 from forwarding import Attempt, ModelRequest
 from inflight import InFlight, InFlightTable
 from outcomes import OutcomeRecorder
@@ -103,6 +104,7 @@ class QueueWorker(BaseWorker):
     promote_interval = 0.5
     recover_interval = 5.0
     orphan_interval = 5.0
+    sink_trim_interval = 60.0  # entries of the sink logs older than result_ttl are dropped this often
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
     batch_wait = 0.005  # longest wait for a bigger batch of free slots
 
@@ -216,6 +218,7 @@ class QueueWorker(BaseWorker):
         args: list[Any] = [count, repr(clock), utcformat(started_at), repr(clock + self.heartbeat_ttl)]
         args += [self.heartbeat_ttl, self.name, self.settings.result_ttl]
         args += [keys.JOB_PREFIX, keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX]
+        args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL]
         args += [adopted[0] if adopted else 0, adopted[1] if adopted else "", len(CLAIM_FIELDS), *CLAIM_FIELDS]
         args += [uuid.uuid4().hex for _ in range(count + (1 if adopted else 0))]
         claimed = []
@@ -266,6 +269,10 @@ class QueueWorker(BaseWorker):
             with recovery.exclusive(self.connection, "orphans", self.name) as mine:
                 if mine:
                     self._orphans.run()
+        if self.schedule.due("sink-trim", self.sink_trim_interval):
+            with recovery.exclusive(self.connection, "sink-trim", self.name) as mine:
+                if mine:
+                    sink_log.trim_expired(self.connection, time.time() - self.settings.result_ttl)
         if self.schedule.due("maintenance", self.maintenance_interval):
             # RQ's own maintenance, which RQ's work loop would run and ours replaces.
             self.clean_registries()

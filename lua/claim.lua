@@ -15,21 +15,34 @@ local heartbeat_ttl = tonumber(ARGV[5])
 local worker_name = ARGV[6]
 local expired_ttl = tonumber(ARGV[7])
 local job_prefix, execution_prefix, executions_registry_prefix = ARGV[8], ARGV[9], ARGV[10]
-local adopted_queue = tonumber(ARGV[11]) -- a request this worker popped with BLPOP (0: none)
-local adopted_id = ARGV[12]
-local field_count = tonumber(ARGV[13])
-local fields = {unpack(ARGV, 14, 13 + field_count)}
-local next_execution_id = 14 + field_count -- ARGV[next_execution_id..]: fresh execution ids
+local sink_indexes, sink_log_prefix, ended_channel = ARGV[11], ARGV[12], ARGV[13]
+local adopted_queue = tonumber(ARGV[14]) -- a request this worker popped with BLPOP (0: none)
+local adopted_id = ARGV[15]
+local field_count = tonumber(ARGV[16])
+local fields = {unpack(ARGV, 17, 16 + field_count)}
+local next_execution_id = 17 + field_count -- ARGV[next_execution_id..]: fresh execution ids
 
 local clock = redis.call('TIME') -- expiry is judged on Redis's clock, as the API and the sink judge it
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local claimed = {}
+
+-- The same steps as in record_outcomes.lua and sink_append.lua: the request's entry in its service's
+-- sink log (index = one more than the last), its index on the job, and a notification for waiting clients.
+local function append_to_sink_log(job_key, id, status)
+  local service = redis.call('HGET', job_key, 'eas_service')
+  if not service then return end
+  local index = redis.call('HINCRBY', sink_indexes, service, 1)
+  redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
+  redis.call('HSET', job_key, 'eas_sink_index', index)
+  redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+end
 
 local function expire(job_key, id, canceled_registry)
   redis.call('HSET', job_key, 'status', 'canceled', 'eas_outcome', 'expired', 'ended_at', now_text)
   redis.call('EXPIRE', job_key, expired_ttl)
   redis.call('ZADD', canceled_registry, now + expired_ttl, id)
   redis.call('ZREM', open_requests, id)
+  append_to_sink_log(job_key, id, 'EXPIRED')
 end
 
 local function start(job_key, id, started_registry)

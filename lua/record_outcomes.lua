@@ -13,7 +13,20 @@ local now_text = ARGV[1] -- RQ's timestamp format
 local job_prefix, results_prefix = ARGV[2], ARGV[3]
 local execution_prefix, executions_registry_prefix = ARGV[4], ARGV[5]
 local finished_job_data = ARGV[6] -- the `data` a finished request keeps: its function, not the request
-local first_record = 7 -- then per request: 10 values, then its result field/value pairs
+local now_unix = ARGV[7]
+local sink_indexes, sink_log_prefix, ended_channel = ARGV[8], ARGV[9], ARGV[10]
+local first_record = 11 -- then per request: 10 values, then its result field/value pairs
+
+-- The same steps as in claim.lua and sink_append.lua: the request's entry in its service's sink log
+-- (index = one more than the last), its index on the job, and a notification for waiting clients.
+local function append_to_sink_log(job_key, id, status)
+  local service = redis.call('HGET', job_key, 'eas_service')
+  if not service then return end
+  local index = redis.call('HINCRBY', sink_indexes, service, 1)
+  redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
+  redis.call('HSET', job_key, 'eas_sink_index', index)
+  redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+end
 
 -- A finished request drops its body, and the fields that matter only while it may run again: nothing
 -- runs it again (RQ requeues failed jobs only), and the body is most of what it would keep for
@@ -53,7 +66,12 @@ while i <= #ARGV do
     redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
     if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
     if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
-    if status == 'finished' then shrink_finished_job(job_key) end
+    if status == 'finished' then
+      shrink_finished_job(job_key)
+      append_to_sink_log(job_key, id, 'SUCCESS')
+    elseif status == 'failed' then
+      append_to_sink_log(job_key, id, 'FAILURE')
+    end
     redis.call('ZADD', next_registry, next_score, id)
     if result_field_count > 0 then
       local results = results_prefix .. id

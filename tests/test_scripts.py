@@ -59,7 +59,7 @@ def test_no_lua_lives_in_python_strings():
     for module in service_modules:
         assert "redis.call(" not in module.read_text(), module.name
     assert {p.stem for p in redis_scripts.LUA_DIR.glob("*.lua")} == {
-        "enqueue", "claim", "record_outcomes", "promote_due", "requeue_orphan"
+        "enqueue", "claim", "record_outcomes", "promote_due", "requeue_orphan", "sink_append"
     }  # fmt: skip
 
 

@@ -1,0 +1,124 @@
+"""Wakes this process's waiting clients as requests end, from one Redis subscription per process.
+
+Every append to a sink log is published on `eas:ended` (sink_log.py). One subscriber thread per API
+process (a greenlet under gevent, which patches threading) listens there and sets the Event of each
+client waiting for that request or service. So a thousand long-polls cost a thousand Events, not a
+thousand blocked Redis connections (Redis's default `maxclients` is 10,000 across all API hosts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+import keys
+import redis_errors
+
+log = logging.getLogger("eas_queue")
+T = TypeVar("T")
+
+
+class EndedNotifier:
+    """Long-polls wait here: `wait_until(ready, timeout, request_id=... or service=...)`."""
+
+    def __init__(self, connect: Callable[[], redis.Redis]) -> None:
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._listening_pid: int | None = None
+
+    def wait_until(
+        self,
+        ready: Callable[[], T | None],
+        timeout: float,
+        *,
+        request_id: str | None = None,
+        service: str | None = None,
+    ) -> T | None:
+        """Calls `ready()` until it returns something other than None, waking when `request_id` (or any
+        request of `service`) ends, for at most `timeout` seconds; returns its last value."""
+        self._listen()
+        event = threading.Event()
+        topics = [f"request:{request_id}"] if request_id else []
+        topics += [f"service:{service}"] if service else []
+        self._register(topics, event)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                # Registered before this check, so an end published between it and the wait still wakes us.
+                value = ready()
+                left = deadline - time.monotonic()
+                if value is not None or left <= 0:
+                    return value
+                event.wait(left)
+                event.clear()
+        finally:
+            self._unregister(topics, event)
+
+    @property
+    def waiting(self) -> int:
+        """How many clients wait now (for metrics and the bench)."""
+        with self._lock:
+            return len({event for events in self._waiters.values() for event in events})
+
+    def _register(self, topics: list[str], event: threading.Event) -> None:
+        with self._lock:
+            for topic in topics:
+                self._waiters.setdefault(topic, set()).add(event)
+
+    def _unregister(self, topics: list[str], event: threading.Event) -> None:
+        with self._lock:
+            for topic in topics:
+                events = self._waiters.get(topic)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._waiters[topic]
+
+    def _wake(self, topics: list[str] | None = None) -> None:
+        """Wakes the clients waiting on `topics` (None: every waiting client)."""
+        with self._lock:
+            if topics is None:
+                events = {event for waiting in self._waiters.values() for event in waiting}
+            else:
+                events = {event for topic in topics for event in self._waiters.get(topic, ())}
+        for event in events:
+            event.set()
+
+    def _listen(self) -> None:
+        """Starts the subscriber in this process on first use (after gunicorn forked its workers)."""
+        if self._listening_pid == os.getpid():
+            return
+        with self._lock:
+            if self._listening_pid != os.getpid():
+                self._listening_pid = os.getpid()
+                threading.Thread(target=self._subscribe_for_ever, name="ended-notifier", daemon=True).start()
+
+    def _subscribe_for_ever(self) -> None:
+        failures = 0
+        while True:
+            pubsub = self._connect().pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(keys.ENDED_CHANNEL)
+                self._wake()  # ends published while no subscription was open: let every client look again
+                failures = 0
+                while True:
+                    self._relay(pubsub.get_message(timeout=1.0))
+            except redis.RedisError as error:
+                failures += 1
+                log.warning("notifications of ended requests paused: %s", redis_errors.describe(error))
+                time.sleep(redis_errors.backoff(failures))
+            finally:
+                pubsub.close()
+
+    def _relay(self, message: dict | None) -> None:
+        """`<service> <index> <request id>`, as lua/*.lua publish it."""
+        if message is not None:
+            service, _, rest = message["data"].decode().partition(" ")
+            self._wake([f"request:{rest.partition(' ')[2]}", f"service:{service}"])

@@ -1,0 +1,117 @@
+"""Each service's sink log (sink_log.py) and waiting at the sink: `_timeout_` long-polls, `requestId`,
+`_raw_`. Real redis-server, gunicorn with gevent, QueueWorker processes, the model server."""
+
+import time
+
+import pytest
+import requests
+
+import keys
+import sink_log
+from lifecycle import RequestStatus
+from tests.conftest import AUTH
+
+
+def sink(api, params: dict, timeout: float = 30) -> requests.Response:
+    return requests.get(f"{api.url}/api/predict/svc/sink", params=params, headers=AUTH, timeout=timeout)
+
+
+def test_every_ending_is_appended_in_order_with_its_index(api, workers, db):
+    ok = api.submit_ok()
+    refused = api.submit_ok(params={"status": "400"})
+    expired = api.submit_ok(params={"_ttl_": "0.001"})
+    canceled = api.submit_ok(service="other")
+    assert api.cancel(canceled, service="other").status_code == 200
+    time.sleep(0.01)  # lets `expired` pass its 1 ms deadline: the deadline is what is tested, not a wait
+    workers.start()
+    for request_id, status in ((ok, "SUCCESS"), (refused, "FAILURE"), (expired, "EXPIRED")):
+        api.wait_status(request_id, status)
+    entries = sink_log.read(db, "svc", 0, 10)
+    assert {(e.request_id, e.status) for e in entries} == {
+        (ok, RequestStatus.SUCCESS),
+        (refused, RequestStatus.FAILURE),
+        (expired, RequestStatus.EXPIRED),
+    }
+    assert [e.index for e in entries] == [1, 2, 3]  # one more per ended request, in the order they ended
+    assert [(e.request_id, e.status) for e in sink_log.read(db, "other", 0, 10)] == [(canceled, RequestStatus.CANCELED)]
+    for entry in entries:
+        assert api.state(entry.request_id)["index"] == entry.index  # the JSON sink shows it
+    assert sink_log.last_index(db, "svc") == 3 and sink_log.length(db, "svc") == 3
+
+
+def test_removing_entries_leaves_the_requests_readable(api, workers, db):
+    ids = [api.submit_ok() for _ in range(5)]
+    workers.start()
+    for request_id in ids:
+        api.wait_status(request_id, "SUCCESS")
+    assert sink_log.delete(db, "svc", [2, 4, 99]) == 2
+    assert [e.index for e in sink_log.read(db, "svc", 0, 10)] == [1, 3, 5]
+    assert sink_log.truncate(db, "svc", 4) == 2  # removes 1 and 3
+    assert [e.index for e in sink_log.read(db, "svc", 0, 10)] == [5]
+    assert [e.index for e in sink_log.read(db, "svc", 5, 10)] == [5]
+    assert all(api.state(i)["status"] == "SUCCESS" for i in ids)  # until result_ttl
+
+
+def test_entries_older_than_result_ttl_are_trimmed(api, workers, db):
+    ids = [api.submit_ok() for _ in range(3)]
+    workers.start()
+    for request_id in ids:
+        api.wait_status(request_id, "SUCCESS")
+    newest = sink_log.read(db, "svc", 3, 1)[0]
+    older = [e for e in sink_log.read(db, "svc", 0, 10) if e.ended_at < newest.ended_at]
+    assert sink_log.trim_expired(db, older_than=newest.ended_at) == len(older)
+    left = sink_log.read(db, "svc", 0, 10)
+    assert newest in left and all(e.ended_at >= newest.ended_at for e in left)
+
+
+def test_a_long_poll_answers_when_the_request_ends(api, workers, db):
+    request_id = api.submit_ok(params={"delay": "1"})
+    workers.start()
+    began = time.monotonic()
+    answer = sink(api, {"requestId": request_id, "_timeout_": "20s"})
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "SUCCESS"
+    assert time.monotonic() - began < 20  # answered when it ended, not when the wait ran out
+
+
+def test_a_long_poll_that_runs_out_answers_202(api, workers, db):
+    request_id = api.submit_ok(params={"delay": "5"})
+    workers.start()
+    answer = sink(api, {"request_id": request_id, "_timeout_": "500ms"})
+    assert answer.status_code == 202
+    assert answer.json()["status"] in ("PENDING", "STARTED")
+
+
+def test_bad_waits_are_refused(api, db):
+    request_id = api.submit_ok()
+    for bad in ("61", "5h", "-1", "soon", "1e3"):
+        answer = sink(api, {"request_id": request_id, "_timeout_": bad})
+        assert answer.status_code == 400, bad
+        assert "_timeout_" in answer.json()["error"]
+    for method in (requests.delete,):  # cancel takes no waiting
+        answer = method(
+            f"{api.url}/api/predict/svc/sink", params={"request_id": request_id, "_timeout_": "1"}, headers=AUTH
+        )
+        assert answer.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "params, code, content_type, body",
+    [
+        ({"answer": "plain words", "content_type": "text/plain; charset=utf-8", "status": "201"}, 201,
+         "text/plain; charset=utf-8", b"plain words"),
+        ({"answer": '{"labels": ["cat"]}'}, 200, "application/json", b'{"labels":["cat"]}'),
+    ],
+)  # fmt: skip
+def test_raw_answers_with_the_models_own_status_type_and_body(api, workers, db, params, code, content_type, body):
+    request_id = api.submit_ok(params={**params, "delay": "1"})
+    early = sink(api, {"request_id": request_id, "_raw_": "true"})
+    assert (early.status_code, early.content) == (202, b"")
+    workers.start()
+    answer = sink(api, {"request_id": request_id, "_raw_": "true", "_timeout_": "20"})
+    assert (answer.status_code, answer.headers["Content-Type"], answer.content) == (code, content_type, body)
+    assert answer.headers["X-Eas-Queueservice-Status"] == "SUCCESS"
+
+
+def test_the_sink_log_is_keyed_per_service(db):
+    assert keys.sink_log_key("svc") == "eas:sink:svc"
