@@ -23,6 +23,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 import rq_dashboard
 from flask import Flask, Response, current_app, g, jsonify, request
 from jinja2 import BaseLoader, ChoiceLoader, Environment, TemplateNotFound
@@ -33,6 +34,7 @@ from rq.registry import FailedJobRegistry
 
 import keys
 import lifecycle
+import redis_connection
 from auth import token_accepted
 from forwarding import ModelRequest
 from queueing import FORWARD_FUNCTION
@@ -188,12 +190,17 @@ def list_workers(instance_number: int) -> Response:
     return response
 
 
-def add_dashboard(app: Flask, settings: Settings) -> None:
-    """Mounts rq-dashboard at /rq with the changes the module docstring lists, behind Basic auth."""
+def add_dashboard(app: Flask, settings: Settings, connection: redis.Redis | None = None) -> None:
+    """Mounts rq-dashboard at /rq with the changes the module docstring lists, behind Basic auth.
+    `connection` (default: one made from the settings) serves every dashboard request."""
     app.config["RQ_DASHBOARD_REDIS_URL"] = settings.redis_url
     app.config["RQ_DASHBOARD_SHOW_FULL_ARGS"] = False  # the full call string holds the request body
     rq_dashboard.web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
+    # rq-dashboard opens a client of its own per request (push_rq_connection), without timeouts and
+    # reading the URL its own way; one client made as the API's is (redis_connection.py) serves instead.
+    app.redis_conn = connection or redis_connection.connect(settings.redis_url, settings.redis_timeout)  # type: ignore[attr-defined]
+    app.before_request_funcs[BLUEPRINT].remove(rq_dashboard.web.push_rq_connection)
 
     # The app's loader is asked before any blueprint's, so the patched templates win over the shipped ones.
     patched = PatchedTemplates(rq_dashboard.blueprint.jinja_loader, TEMPLATE_PATCHES)
@@ -235,7 +242,7 @@ def add_dashboard(app: Flask, settings: Settings) -> None:
             g.csp_nonce = secrets.token_urlsafe(16)
         return {"csp_nonce": g.csp_nonce}
 
-    # First among the dashboard's own hooks (which open a Redis connection per request), and only on its
+    # First among the dashboard's own hooks, and only on its
     # routes: the API's requests do not pay for it.
     app.before_request_funcs.setdefault(BLUEPRINT, []).insert(0, dashboard_guard)
     app.after_request_funcs.setdefault(BLUEPRINT, []).append(security_headers)

@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     enqueuer = queueing.Enqueuer(connection, settings)
     app.extensions["eas_queue"] = api.ApiContext(settings, connection, enqueuer, memory, notifier)
     app.register_blueprint(api.bp)
-    add_dashboard(app, settings)
+    add_dashboard(app, settings, connection)
     register_error_handlers(app)
     app.cli.add_command(queue_cli)  # flask --app eas_queue queue ... (admin.py)
     return app

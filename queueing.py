@@ -28,13 +28,12 @@ from datetime import datetime
 from typing import Any, Literal
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry as RedisRetry
 from rq.job import Job, JobStatus, Retry
 from rq.serializers import DefaultSerializer
 from rq.utils import now, utcformat
 
 import keys
+import redis_connection
 import redis_scripts
 from forwarding import ModelRequest
 from keys import QUEUE_NAMES
@@ -48,14 +47,9 @@ JOB_TIMEOUT_MARGIN = 30
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
-    """A Redis client that fails within about `timeout` seconds when Redis is away and reconnects by itself."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=RedisRetry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+    """A Redis client that fails within about `timeout` seconds when Redis is away and reconnects by itself
+    (to the current master, for a redis+sentinel:// URL: redis_connection.py)."""
+    return redis_connection.connect(url, timeout)
 
 
 def is_request_id(text: str) -> bool:

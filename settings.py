@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis_connection import SENTINEL_SCHEME, parse_sentinel_url
+
 DEFAULT_FILE = Path(__file__).with_name("settings.toml")
 ENV_PREFIX = "EAS_QUEUE_"
 BARE_ENV_KEYS = ("redis_url", "target_api_base_url")
@@ -96,8 +98,10 @@ def _string(value: Any) -> str:
 
 def _redis_url(value: Any) -> str:
     url = _string(value)
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must start with redis://, rediss:// or unix://")
+    if urlsplit(url).scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(url)  # ValueError: one line saying what is wrong
+    elif urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}://")
     return url
 
 

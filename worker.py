@@ -30,6 +30,7 @@ import forwarding
 import keys
 import lifecycle
 import recovery
+import redis_connection
 import redis_errors
 import redis_scripts
 import sink_log
@@ -40,9 +41,10 @@ from queueing import FORWARD_FUNCTION
 from settings import Settings, get_settings
 from worker_threads import Committer, Forwarders
 
-# `rq worker --config worker` reads these: the queues in priority order, and Redis as the settings say.
+# `rq worker --config worker` reads these: the queues in priority order, and Redis as the settings say
+# (a redis+sentinel:// URL as RQ's SENTINEL dict, REDIS_URL then None: redis_connection.py).
 QUEUES = list(keys.QUEUE_NAMES)
-REDIS_URL = get_settings().redis_url
+REDIS_URL, SENTINEL = redis_connection.rq_cli_settings(get_settings().redis_url, get_settings().redis_timeout)
 
 
 class ForwardError(Exception):

@@ -210,10 +210,11 @@ class Api:
 
 
 class Workers:
-    """`rq worker` processes started in the project root, as the README says to start them."""
+    """`rq worker` processes started in the project root (or `cwd`, another copy of it), as the README says
+    to start them; with `redis_url` None, they find Redis through `--config worker` (the settings)."""
 
-    def __init__(self, env: dict[str, str], redis_url: str) -> None:
-        self.env, self.redis_url = env, redis_url
+    def __init__(self, env: dict[str, str], redis_url: str | None, cwd: Path = ROOT) -> None:
+        self.env, self.redis_url, self.cwd = env, redis_url, cwd
         self.processes: list[subprocess.Popen] = []
 
     def start(
@@ -225,13 +226,14 @@ class Workers:
         output: Path | None = None,
     ) -> list[subprocess.Popen]:
         """`plain`: stock `rq worker high default` (a fork per job) instead of `-w worker.QueueWorker`."""
-        command = [str(BIN / "rq"), "worker", "high", "default", "--url", self.redis_url, *args]
+        where = ["--url", self.redis_url] if self.redis_url else ["--config", "worker"]
+        command = [str(BIN / "rq"), "worker", "high", "default", *where, *args]
         if not plain:
             command[2:2] = ["-w", "worker.QueueWorker"]
         log = output.open("ab") if output else None
         started = [
             subprocess.Popen(
-                command, cwd=ROOT, env={**self.env, **(env or {})}, start_new_session=True, stdout=log, stderr=log
+                command, cwd=self.cwd, env={**self.env, **(env or {})}, start_new_session=True, stdout=log, stderr=log
             )
             for _ in range(count)
         ]

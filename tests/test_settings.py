@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from redis_connection import SENTINEL_FORM, SentinelTarget, parse_sentinel_url, rq_cli_settings
 from settings import SettingsError, load_settings
 from tests.conftest import BIN, ROOT, service_env
 
@@ -109,3 +110,48 @@ def test_a_bad_setting_stops_the_process_at_start_with_one_line(command):
     assert finished.returncode != 0
     ours = [line for line in finished.stderr.splitlines() if line.startswith("eas-queue:")]
     assert ours == ["eas-queue: bad setting max_queue_length: must be a number, not 'lots'"]
+
+
+def test_a_sentinel_url_is_accepted_and_read_the_same_by_api_and_workers():
+    url = "redis+sentinel://:s%40cret@s1:26379,s2:26380/mymaster/2"
+    assert load_settings({"REDIS_URL": url}).redis_url == url
+    target = parse_sentinel_url(url)
+    assert target == SentinelTarget((("s1", 26379), ("s2", 26380)), "mymaster", 2, None, "s@cret")
+    # `rq worker --config worker` gets RQ's SENTINEL dict, and no REDIS_URL (RQ would read that first).
+    redis_url, sentinel = rq_cli_settings(url, 2.0)
+    assert redis_url is None and sentinel is not None
+    assert sentinel["INSTANCES"] == [("s1", 26379), ("s2", 26380)]
+    assert (sentinel["MASTER_NAME"], sentinel["DB"]) == ("mymaster", 2)
+    assert sentinel["PASSWORD"] == "s@cret" and sentinel["SENTINEL_KWARGS"]["socket_timeout"] == 2.0
+    assert rq_cli_settings("redis://h:1/0", 2.0) == ("redis://h:1/0", None)
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("redis+sentinel://s1:26379", "the master's name (as in `sentinel monitor`) is missing"),
+        ("redis+sentinel://:secret@s1:port/mymaster", "'s1:port' is not a sentinel's host:port"),
+        ("redis+sentinel://s1:26379,/mymaster", "'' is not a sentinel's host:port"),
+        ("redis+sentinel://s1:26379/mymaster/first", "the db must be a number, not 'first'"),
+        ("redis+sentinel://s1:26379/mymaster/0/extra", "the master's name"),
+        ("redis+sentinel://s1:26379/mymaster?socket_timeout=1", "no query (timeouts come from redis_timeout)"),
+        ("redis+sentinel:///mymaster", "no sentinel host"),
+    ],
+)
+def test_a_malformed_sentinel_url_is_refused_with_one_line_saying_why(url, problem):
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"EAS_QUEUE_REDIS_URL": url})
+    message = str(raised.value)
+    assert raised.value.key == "redis_url"
+    assert message.startswith(f"redis_url: must look like {SENTINEL_FORM}")
+    assert problem in message and "\n" not in message and "secret" not in message
+
+
+def test_the_worker_refuses_a_malformed_sentinel_url_at_start_with_one_line():
+    env = service_env("redis+sentinel://127.0.0.1:1", "http://127.0.0.1:1")
+    command = [str(BIN / "rq"), "worker", "-w", "worker.QueueWorker", "--config", "worker", "high", "default"]
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert finished.returncode != 0
+    ours = [line for line in finished.stderr.splitlines() if line.startswith("eas-queue:")]
+    missing = "the master's name (as in `sentinel monitor`) is missing"
+    assert ours == [f"eas-queue: bad setting redis_url: must look like {SENTINEL_FORM}: {missing}"]
