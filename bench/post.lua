@@ -1,10 +1,13 @@
 -- wrk script: POST the body in $BENCH_BODY_FILE with `Authorization: $BENCH_TOKEN`, and print one
 -- machine-readable line at the end (bench/run.py parses it; "status" counts non-2xx/3xx answers).
-local file = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
-wrk.method = "POST"
-wrk.body = file:read("*a")
-file:close()
-wrk.headers["Content-Type"] = "application/json"
+-- With BENCH_METHOD=GET it GETs the URL as given instead (the sink's long-polls, bench row 8).
+wrk.method = os.getenv("BENCH_METHOD") or "POST"
+if wrk.method == "POST" then
+  local file = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
+  wrk.body = file:read("*a")
+  file:close()
+  wrk.headers["Content-Type"] = "application/json"
+end
 wrk.headers["Authorization"] = os.getenv("BENCH_TOKEN")
 
 done = function(summary, latency, requests)

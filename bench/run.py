@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +94,8 @@ class Config:
     raw_seconds: float
     latency_requests: int
     memory_requests: int
+    soak_seconds: int
+    long_polls: int
     only: tuple[str, ...] = ()  # measurement numbers to run; empty: all
     model_delay: float = 0.1
 
@@ -111,11 +114,11 @@ class Config:
 # Sizes of each measurement: a full run, and --quick, a smoke test.
 FULL_SIZES: dict[str, Any] = dict(
     wrk_seconds=4, warmup_seconds=2, fast_jobs=20000, stock_jobs=400, slow_jobs=10000, raw_seconds=5.0,
-    latency_requests=200, memory_requests=5000,
+    latency_requests=200, memory_requests=5000, soak_seconds=60, long_polls=1000,
 )  # fmt: skip
 QUICK_SIZES: dict[str, Any] = dict(
     wrk_seconds=1, warmup_seconds=0, fast_jobs=300, stock_jobs=20, slow_jobs=300, raw_seconds=1.0,
-    latency_requests=20, memory_requests=300,
+    latency_requests=20, memory_requests=300, soak_seconds=3, long_polls=50,
 )  # fmt: skip
 
 
@@ -382,6 +385,7 @@ class Stack:
     nginx_port: int = 0
     nginx: subprocess.Popen | None = None
     api_url: str = ""
+    api_pid: int = 0
 
     @property
     def redis_url(self) -> str:
@@ -438,6 +442,8 @@ def start_redis(stack: Stack) -> None:
             str(stack.tmp),
             "--maxclients",
             "10000",
+            "--stream-node-max-bytes",  # as make run's Redis and the README's production settings
+            "256",
         ],
     )
     client = stack.client()
@@ -581,19 +587,21 @@ def human_bytes(value: float) -> str:
 # --- 1. enqueue ------------------------------------------------------------------------------------
 
 
-def run_wrk(stack: Stack, url: str, seconds: int) -> dict[str, Any]:
+def run_wrk(
+    stack: Stack, url: str, seconds: int, connections: int = WRK_CONNECTIONS, method: str = "POST", timeout: int = 10
+) -> dict[str, Any]:
     command = [
         stack.tools["wrk"],
         f"-t{WRK_THREADS}",
-        f"-c{WRK_CONNECTIONS}",
+        f"-c{connections}",
         f"-d{seconds}s",
         "--timeout",
-        "10s",
+        f"{timeout}s",
         "-s",
         str(BENCH / "post.lua"),
         url,
     ]
-    env = {**os.environ, "BENCH_BODY_FILE": str(stack.body_file), "BENCH_TOKEN": TOKEN}
+    env = {**os.environ, "BENCH_BODY_FILE": str(stack.body_file), "BENCH_TOKEN": TOKEN, "BENCH_METHOD": method}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
@@ -1060,6 +1068,153 @@ def measure_redis_memory(stack: Stack, cfg: Config) -> Row:
     return row
 
 
+# --- 6. retention, 7. soak, 8. long-polls -----------------------------------------------------------
+
+RETAINED_TARGET = 1.5 * 1024  # bytes Redis may keep per finished 1 KB request with a small answer
+SOAK_RSS_GROWTH = 0.10  # the API's and workers' memory may grow this much over a soak
+LONG_POLL_SECONDS = 30  # each long-poll's _timeout_: longer than the measurement, so none ends early
+SUBMITS_BESIDE_POLLS_TARGET = 0.7
+
+
+def wait_drained(stack: Stack, expected: int, seconds: float) -> tuple[int, int]:
+    """Waits until nothing is queued or open and `expected` requests have ended; (finished, failed)."""
+    client = stack.client()
+    finished_key, failed_key = keys.queue_keys("default").finished, keys.queue_keys("default").failed
+
+    def done() -> bool:
+        ended = client.zcard(finished_key) + client.zcard(failed_key)
+        return ended >= expected and not client.llen(keys.queue_keys("default").queue)
+
+    wait_until(done, seconds, f"{expected} requests to end")
+    wait_until(lambda: client.zcard(keys.OPEN_REQUESTS) == 0, 30, "the open-requests index to empty")
+    return client.zcard(finished_key), client.zcard(failed_key)
+
+
+def measure_retained(stack: Stack, cfg: Config) -> Row:
+    row = Row("6. Redis memory kept per finished 1 KB request (small answer)")
+    client = stack.client()
+    env = stack.env(stack.nginx_url)
+    ours: list[float] = []
+    bare: list[float] = []
+    for repeat in range(cfg.repeats):
+        client.flushall()
+        before = used_memory(client)
+        prefill(stack, env, cfg.memory_requests)
+        workers = start_workers(stack, env, plain=False, burst=True)
+        try:
+            finished, failed = wait_drained(stack, cfg.memory_requests, 120)
+        finally:
+            for worker in workers:
+                stack.procs.stop(worker)
+        client.delete(*client.keys("rq:worker*"), *client.keys("rq:clean*"))  # the workers' own keys
+        ours.append((used_memory(client) - before) / cfg.memory_requests)
+        if finished != cfg.memory_requests or failed:
+            raise BenchError(f"{finished}/{cfg.memory_requests} finished, {failed} failed")
+        client.flushall()
+        before = used_memory(client)
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(cfg.memory_requests):
+                pipe.hset(f"bare:job:{i:08d}", "body", stack.body)
+            pipe.execute()
+        bare.append((used_memory(client) - before) / cfg.memory_requests)
+        client.flushall()
+        row.runs.append(f"run {repeat + 1}: {ours[-1]:,.0f} B per finished request; bare 1 KB hash {bare[-1]:,.0f} B")
+        progress(f"retained {row.runs[-1]}")
+    value = median(ours)
+    row.value = human_bytes(value)
+    row.reference = f"target <= 1.5 KB; bare hash holding 1 KB: {human_bytes(median(bare))}"
+    row.compare = f"{value / median(bare):.2f}x of bare; {'meets' if value <= RETAINED_TARGET else 'MISSES'} target"
+    row.notes = f"INFO used_memory delta / {cfg.memory_requests} requests, queued then drained by 2 QueueWorkers"
+    return row
+
+
+def measure_soak(stack: Stack, cfg: Config) -> list[Row]:
+    """Steady load for soak_seconds (wrk at the API, 2 QueueWorkers draining as it goes), then: every
+    accepted request ended, the open index is empty, and the API's and workers' memory stayed flat."""
+    row = Row(f"7. Soak {cfg.soak_seconds} s: accepted requests that ended SUCCESS")
+    rss_row = Row("7b. Soak: RSS growth, API and workers")
+    client = stack.client()
+    client.flushall()
+    env = stack.env(stack.nginx_url)
+    workers = start_workers(stack, env, plain=False, burst=False)
+    api_pids = [stack.api_pid, *descendants(stack.api_pid, process_tree())]
+    try:
+        run_wrk(stack, f"{stack.api_url}/api/predict/{SERVICE}", max(1, cfg.soak_seconds // 10))  # warm up
+        wait_drained(stack, 0, 60)
+        client.flushall()
+        before = used_memory(client)
+        tree = process_tree()
+        worker_pids = [pid for w in workers for pid in [w.pid, *descendants(w.pid, tree)]]
+        rss_start = {"api": rss_bytes(api_pids), "workers": rss_bytes(worker_pids)}
+        result = run_wrk(stack, f"{stack.api_url}/api/predict/{SERVICE}", cfg.soak_seconds)
+        accepted = result["requests"] - result["status"]
+        finished, failed = wait_drained(stack, accepted, 120)
+        rss_end = {"api": rss_bytes(api_pids), "workers": rss_bytes(worker_pids)}
+        kept = (used_memory(client) - before) / max(finished, 1)
+    finally:
+        for worker in workers:
+            stack.procs.stop(worker)
+    # wrk counts the answers it read before it stopped; a few more were accepted as it stopped.
+    row.value = f"{finished:,} SUCCESS, {failed} FAILURE"
+    row.reference = f"{accepted:,} answered 200 to wrk ({accepted / cfg.soak_seconds:,.0f} req/s); open index empty"
+    row.compare = "all ended SUCCESS" if finished >= accepted and not failed else "MISSES: not all SUCCESS"
+    row.notes = f"Redis kept {human_bytes(kept)} per finished request afterwards; wrk non-2xx {result['status']}"
+    growth = {k: rss_end[k] / rss_start[k] - 1 for k in rss_start}
+    rss_row.value = f"API {growth['api']:+.1%}, workers {growth['workers']:+.1%}"
+    rss_row.reference = f"start: API {human_bytes(rss_start['api'])}, workers {human_bytes(rss_start['workers'])}"
+    rss_row.compare = "flat (< 10%)" if max(growth.values()) < SOAK_RSS_GROWTH else "MISSES: grew 10% or more"
+    if finished < accepted or failed:
+        row.error = f"{finished} of {accepted} accepted requests finished, {failed} failed"
+    return [row, rss_row]
+
+
+def measure_long_polls(stack: Stack, cfg: Config) -> Row:
+    """Submit throughput while `long_polls` clients wait at the sink (each _timeout_=30 s on a request that
+    does not end meanwhile), beside the same without them, in alternating rounds."""
+    row = Row(f"8. Submits req/s beside {cfg.long_polls} long-polls at the sink")
+    client = stack.client()
+    client.flushall()
+    waiting_for = (
+        enqueuer(stack, stack.env(stack.nginx_url))
+        .enqueue(queueing.Submission(SERVICE, "", (), "application/json", b"{}", False, None, None))
+        .request_id
+    )  # no worker runs: it stays PENDING
+    poll_url = f"{stack.api_url}/api/predict/{SERVICE}/sink?request_id={waiting_for}&_timeout_={LONG_POLL_SECONDS}"
+    submit_url = f"{stack.api_url}/api/predict/{SERVICE}"
+    seconds = max(1, cfg.wrk_seconds)
+    rates: dict[str, list[float]] = {"with": [], "without": []}
+    held, redis_clients, answered_early = [], [], 0
+    for repeat in range(cfg.repeats * 2):
+        rates["without"].append(run_wrk(stack, submit_url, seconds)["rate"])
+        with ThreadPoolExecutor(1) as pool:
+            polls = pool.submit(run_wrk, stack, poll_url, seconds + 4, cfg.long_polls, "GET", LONG_POLL_SECONDS + 10)
+            time.sleep(2)  # lets every poll connect before the submits start (a bench pacing, not a wait)
+            redis_clients.append(int(client.info("clients")["connected_clients"]))
+            rates["with"].append(run_wrk(stack, submit_url, seconds)["rate"])
+            polled = polls.result()
+        answered_early += polled["requests"]
+        held.append(polled)
+        client.delete(keys.queue_keys("default").queue)
+        client.rpush(keys.queue_keys("default").queue, waiting_for)
+        row.runs.append(
+            f"run {repeat + 1}: submits {rates['with'][-1]:,.0f} req/s with polls, {rates['without'][-1]:,.0f} "
+            f"without; polls answered before their _timeout_ {polled['requests']}, socket errors "
+            f"{polled['connect'] + polled['read'] + polled['write']}; Redis clients {redis_clients[-1]}"
+        )
+        progress(f"long-polls {row.runs[-1]}")
+    ratio = median([a / b for a, b in zip(rates["with"], rates["without"], strict=True)])
+    row.value = f"{median(rates['with']):,.0f} req/s"
+    row.reference = f"without the polls: {median(rates['without']):,.0f} req/s"
+    row.compare = f"{ratio:.2f}x; {'meets' if ratio >= SUBMITS_BESIDE_POLLS_TARGET else 'MISSES'} target 0.7"
+    row.notes = (
+        f"{cfg.long_polls} polls held open, {answered_early} answered early; Redis clients while they wait: "
+        f"{max(redis_clients)} (API: 4 processes)"
+    )
+    if answered_early:
+        row.error = f"{answered_early} long-polls were answered before their _timeout_"
+    return row
+
+
 # --- table ------------------------------------------------------------------------------------------
 
 HEADER = ("Measurement", "eas-queue (median)", "Reference (same run)", "Comparison", "Notes")
@@ -1144,7 +1299,8 @@ def run(cfg: Config) -> int:
             start_redis(stack)
             start_nginx(stack)
             progress(f"redis on :{stack.redis_port}, fast model (nginx) on :{stack.nginx_port}")
-            _, stack.api_url = start_gunicorn(stack, "api", "eas_queue:app", ROOT, stack.env(stack.nginx_url))
+            api, stack.api_url = start_gunicorn(stack, "api", "eas_queue:app", ROOT, stack.env(stack.nginx_url))
+            stack.api_pid = api.pid
             steps: list[tuple[str, Callable[[Stack, Config], Row | list[Row]]]] = [
                 ("1. enqueue throughput", measure_enqueue),
                 ("1b. latency beside slow clients", measure_slow_clients),
@@ -1152,6 +1308,9 @@ def run(cfg: Config) -> int:
                 ("3. drain against the 100 ms model", measure_slow_drain),
                 ("4. latency", measure_latency),
                 ("5. Redis memory", measure_redis_memory),
+                ("6. Redis memory per finished request", measure_retained),
+                ("7. soak", measure_soak),
+                ("8. submits beside long-polls", measure_long_polls),
             ]
             for title, step in steps:
                 if cfg.only and title.split(".")[0] not in cfg.only:
@@ -1173,7 +1332,7 @@ def run(cfg: Config) -> int:
                 rows.extend(made)
         finally:
             stack.procs.stop_all()
-    order = ["1.", "1b.", "2.", "2b.", "3.", "4.", "4b.", "5.", "5b."]
+    order = ["1.", "1b.", "2.", "2b.", "3.", "4.", "4b.", "5.", "5b.", "6.", "7.", "7b.", "8."]
     rows.sort(key=lambda r: order.index(r.name.split(" ")[0]) if r.name.split(" ")[0] in order else len(order))
     text = report(rows, cfg, info, time.monotonic() - STARTED)
     RESULTS.mkdir(exist_ok=True)

@@ -24,6 +24,10 @@ ROWS = (
     "4b. Latency p99",
     "5. Redis memory per queued 1 KB request",
     "5b. Worker RSS",
+    "6. Redis memory kept per finished 1 KB request",
+    "7. Soak",
+    "7b. Soak: RSS growth",
+    "8. Submits req/s beside",
 )
 
 
