@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.routing import PathConverter
 
+import eas_sink
 import forwarding
 import keys
 import lifecycle
@@ -92,6 +94,8 @@ def submit(service: str, subpath: str = "") -> Response:
 def sink(service: str) -> tuple[Response, int] | Response:
     ctx = context()
     check_service(ctx.settings, service)
+    if eas_sink.handles_sink_get():  # the EAS SDK's get, attributes, count
+        return eas_sink.sink_get(ctx, service)
     request_id = sink_request_id(SINK_PARAMETERS)
     wait, raw = wait_parameter(), single_parameter("_raw_") in ("true", "1")
     state = known_state(ctx.connection, service, request_id)
@@ -108,9 +112,11 @@ def sink(service: str) -> tuple[Response, int] | Response:
 
 
 @bp.delete("/api/predict/<service>/sink")
-def cancel(service: str) -> tuple[Response, int]:
+def cancel(service: str) -> tuple[Response, int] | Response:
     ctx = context()
     check_service(ctx.settings, service)
+    if eas_sink.handles_sink_delete():  # the EAS SDK's delete and truncate, by sink index
+        return eas_sink.sink_delete(ctx, service)
     request_id = sink_request_id(ID_PARAMETERS)
     known_state(ctx.connection, service, request_id)  # 404 unless it is this service's
     outcome = lifecycle.cancel(ctx.connection, request_id, ctx.settings.result_ttl)
@@ -120,6 +126,29 @@ def cancel(service: str) -> tuple[Response, int]:
     if outcome != "canceled":
         raise ApiError(409, "request has already ended", status=state.status.value)
     return jsonify(state.record()), 200
+
+
+@bp.put("/api/predict/<service>/sink")
+def commit(service: str) -> Response:
+    """The EAS SDK's commit: entries leave the sink queue (eas_sink.py)."""
+    ctx = context()
+    check_service(ctx.settings, service)
+    return eas_sink.commit(ctx, service)
+
+
+@bp.get("/api/predict/<service>")
+def input_queue(service: str) -> Response:
+    """The EAS SDK's attributes (and `_count_`) of the input queue (eas_sink.py)."""
+    ctx = context()
+    check_service(ctx.settings, service)
+    return eas_sink.input_get(ctx, service)
+
+
+@bp.route("/api/predict/<service>", methods=["PUT", "DELETE"])
+def input_queue_indexes(service: str) -> NoReturn:
+    """The EAS SDK's commit, delete and truncate on the input queue: 400, it has no indexes."""
+    check_service(context().settings, service)
+    eas_sink.input_indexes()
 
 
 @bp.get("/healthz")

@@ -17,6 +17,7 @@ from typing import Any
 from flask import Flask
 
 import api
+import eas_sink
 import queueing
 from admin import queue_cli
 from backpressure import MemoryWatch
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     enqueuer = queueing.Enqueuer(connection, settings)
     app.extensions["eas_queue"] = api.ApiContext(settings, connection, enqueuer, memory, notifier)
     app.register_blueprint(api.bp)
+    app.register_blueprint(eas_sink.bp)  # the EAS SDK's watch (a WebSocket on the sink)
     add_dashboard(app, settings, connection)
     register_error_handlers(app)
     app.cli.add_command(queue_cli)  # flask --app eas_queue queue ... (admin.py)

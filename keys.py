@@ -51,6 +51,7 @@ ATTEMPTS_FIELD = "eas_attempts"  # forwarding attempts so far, counted when an a
 LAST_ERROR_FIELD = "eas_last_error"  # why the last attempt failed, while the request waits for a retry
 OUTCOME_FIELD = "eas_outcome"  # `canceled` or `expired`: ended without being forwarded
 SINK_INDEX_FIELD = "eas_sink_index"  # its index in the service's sink log, once it has ended
+TAGS_FIELD = "eas_tags"  # JSON map of its tags (query parameters not named `_..._`), if it has any
 
 
 def sink_log_key(service: str) -> str:

@@ -16,9 +16,10 @@ function cannot end its own job canceled. The sink reads both as EXPIRED.
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -102,6 +103,7 @@ class RequestState:
     error: str | None = None
     retry_at: float | None = None
     sink_index: int | None = None  # its index in the service's sink log, once it has ended (sink_log.py)
+    tags: dict[str, str] = field(default_factory=dict)  # its query parameters not named `_..._` (EAS's tags)
 
     def record(self) -> dict[str, Any]:
         """The sink's JSON body for this state."""
@@ -117,6 +119,8 @@ class RequestState:
         }
         if self.sink_index is not None:
             body["index"] = self.sink_index
+        if self.tags:
+            body["tags"] = self.tags
         if self.status == RequestStatus.SUCCESS:
             body["result"] = self.result
         elif self.status == RequestStatus.FAILURE:
@@ -140,6 +144,7 @@ _VIEW_FIELDS = (
     keys.LAST_ERROR_FIELD,
     keys.OUTCOME_FIELD,
     keys.SINK_INDEX_FIELD,
+    keys.TAGS_FIELD,
 )
 _FORWARD_ERROR_PREFIX = re.compile(r"^(?:[\w.]+\.)?ForwardError: ")
 
@@ -182,6 +187,7 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
         started_at=_text(raw["started_at"]),
         ended_at=_text(raw["ended_at"]),
         sink_index=int(raw[keys.SINK_INDEX_FIELD]) if raw[keys.SINK_INDEX_FIELD] else None,
+        tags=json.loads(raw[keys.TAGS_FIELD]) if raw[keys.TAGS_FIELD] else {},
     )
     latest = Result.restore(request_id, results[0][0].decode(), results[0][1], connection) if results else None
     if rq_status == JobStatus.FINISHED and latest and latest.type == Result.Type.SUCCESSFUL:

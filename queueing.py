@@ -10,6 +10,7 @@ atomically (RQ's `meta` is pickled):
   eas_attempts    forwarding attempts so far, counted when an attempt starts (so a killed one counts)
   eas_last_error  why the last attempt failed, shown while the request waits for its retry
   eas_outcome     `canceled` or `expired` for requests that ended without being forwarded
+  eas_tags        its tags, the query parameters not named `_..._`, as a JSON map (EAS's tags)
 
 One more structure goes beyond RQ: the sorted set `eas:open` (request id -> accept time) indexes requests
 that have not ended. Workers sweep it to find requests that a crash left in no queue and no registry
@@ -20,6 +21,7 @@ lifecycle.py says how a job's state reads at the sink.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 import zlib
@@ -95,6 +97,15 @@ def _compress(data: bytes) -> bytes:
     about 50 us, longer than compressing a typical request. Any zlib stream decompresses the same."""
     packer = zlib.compressobj(6, zlib.DEFLATED, 12, 4)
     return packer.compress(data) + packer.flush()
+
+
+def tags_json(query: tuple[tuple[str, str], ...]) -> str:
+    """A request's tags as stored: a flat JSON map, the first value of a repeated name (as `request.args`
+    reads it). Kept apart from the body, which a finished request drops, so the sink can show them."""
+    tags: dict[str, str] = {}
+    for name, value in query:
+        tags.setdefault(name, value)
+    return json.dumps(tags, separators=(",", ":"), ensure_ascii=False)
 
 
 def _queue_name(submission: Submission) -> str:
@@ -179,6 +190,8 @@ class Enqueuer:
         request_id = str(uuid.uuid4())  # as RQ names jobs
         fields = self.job_fields(submission, now())
         fields[keys.SERVICE_FIELD] = submission.service
+        if submission.query:
+            fields[keys.TAGS_FIELD] = tags_json(submission.query)
         limits = [t for t in (self.settings.queue_ttl or None, submission.ttl) if t]
         script_keys = [
             keys.queue_keys(_queue_name(submission)).queue,

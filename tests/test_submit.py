@@ -174,8 +174,10 @@ def test_posting_to_the_sink_is_not_a_submit(api, db):
 
 
 def test_other_methods_and_paths_answer_json(api, db):
-    wrong_method = requests.get(api.url + "/api/predict/svc", headers=AUTH, timeout=5)
+    wrong_method = requests.patch(api.url + "/api/predict/svc", headers=AUTH, timeout=5)
     assert wrong_method.status_code == 405
+    no_parameters = requests.get(api.url + "/api/predict/svc", headers=AUTH, timeout=5)  # GET: EAS's attributes
+    assert no_parameters.status_code == 400 and "_attrs_" in no_parameters.json()["error"]
     assert wrong_method.headers["Content-Type"] == "application/json"
     nowhere = requests.get(api.url + "/nowhere", timeout=5)
     assert nowhere.status_code == 404
