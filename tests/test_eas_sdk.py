@@ -5,6 +5,7 @@ as supported is driven here; the few plain HTTP calls check what the SDK never s
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import warnings
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ with warnings.catch_warnings():  # the SDK's other modules build descriptors the
     from eas_prediction.queue_types import queueservice_pb2
 
 import eas_protocol
-from tests.conftest import AUTH, TOKEN
+from tests.conftest import AUTH, ROOT, TOKEN
 
 SERVICE = "svc"
 WAIT = 30  # seconds any step may take before the test fails
@@ -285,3 +286,30 @@ def test_json_frames_and_bad_parameters(api, workers, inq):
     with pytest.raises(PredictException) as refused:  # the SDK retries a 400 like any other, then raises it
         inq.delete([1])
     assert refused.value.code == 400
+
+
+def readme_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## EAS SDK") : readme.index("## Settings")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[0]
+
+
+def test_the_readme_example_runs(api, workers, capsys):
+    workers.start(1)
+    code = readme_example().replace("localhost:5000", api.url.removeprefix("http://")).replace("demo-token", TOKEN)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            exec(compile(code, "README.md (EAS SDK)", "exec"), {})
+        except BaseException as error:  # reported by the assertions below
+            failures.append(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(WAIT)
+    assert not runner.is_alive(), "the README's example did not finish"
+    assert not failures, failures
+    printed = capsys.readouterr().out.splitlines()
+    assert " SUCCESS 200 " in printed[0]
+    assert printed[-1] == "0 2"  # nothing waits in the input queue; two requests have ended
