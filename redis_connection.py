@@ -19,8 +19,9 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import BlockingConnectionPool
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_FORM = "redis+sentinel://[:password@]host:port[,host2:port2]/<master name>[/<db>]"
@@ -78,24 +79,42 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
+# Redis connections one API process opens at most. Under gevent a process serves up to a thousand
+# clients at once (server.py); each needs Redis for well under a millisecond, so they take turns on a few
+# connections instead of opening one each (Redis's default `maxclients` is 10,000 across all API hosts).
+MAX_CONNECTIONS = 32
+
+
+class _BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (connections to the current master), bounded and waited on like BlockingConnectionPool."""
+
+
 def connect(url: str, timeout: float) -> redis.Redis:
     """A Redis client that fails within about `timeout` seconds when Redis is away and reconnects by itself
-    (to the current master, for a Sentinel URL)."""
+    (to the current master, for a Sentinel URL). At most MAX_CONNECTIONS connections: a caller waits up to
+    `timeout` for a free one."""
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 30,
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": timeout,  # waiting for a free connection
     }
     if not is_sentinel_url(url):
-        return redis.Redis.from_url(url, **options)
+        return redis.Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
     target = parse_sentinel_url(url)
     sentinel = Sentinel(
         list(target.sentinels),
         sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout},
     )
     return sentinel.master_for(
-        target.master_name, db=target.db, username=target.username, password=target.password, **options
+        target.master_name,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        connection_pool_class=_BlockingSentinelConnectionPool,
+        **options,
     )
 
 

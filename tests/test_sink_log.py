@@ -2,6 +2,7 @@
 `_raw_`. Real redis-server, gunicorn with gevent, QueueWorker processes, the model server."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -9,7 +10,10 @@ import requests
 import keys
 import sink_log
 from lifecycle import RequestStatus
+from redis_connection import MAX_CONNECTIONS
 from tests.conftest import AUTH
+
+API_PROCESSES = 2  # tests.conftest.Api runs gunicorn with two workers
 
 
 def sink(api, params: dict, timeout: float = 30) -> requests.Response:
@@ -93,6 +97,22 @@ def test_bad_waits_are_refused(api, db):
             f"{api.url}/api/predict/svc/sink", params={"request_id": request_id, "_timeout_": "1"}, headers=AUTH
         )
         assert answer.status_code == 400
+
+
+def test_many_long_polls_share_the_processes_redis_connections(api, workers, db):
+    """More waiting clients than the API's processes may open Redis connections (redis_connection.py):
+    each waits on its process's one subscription, and the Redis calls take turns on a bounded pool."""
+    polls_count = 150
+    request_id = api.submit_ok(params={"delay": "3"})
+    before = db.info("clients")["connected_clients"]
+    with ThreadPoolExecutor(polls_count) as pool:
+        polls = [pool.submit(sink, api, {"request_id": request_id, "_timeout_": "30"}) for _ in range(polls_count)]
+        workers.start()
+        answers = [poll.result() for poll in polls]
+        during = db.info("clients")["connected_clients"]
+    assert all(a.status_code == 200 and a.json()["status"] == "SUCCESS" for a in answers)
+    bound = API_PROCESSES * (MAX_CONNECTIONS + 1)  # a pool and a subscription per process
+    assert during - before <= bound + 2 < polls_count  # (+2: the worker's own)
 
 
 @pytest.mark.parametrize(
