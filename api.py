@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.routing import PathConverter
 
 import eas_sink
+import events
 import forwarding
 import keys
 import lifecycle
@@ -68,7 +69,17 @@ def submit(service: str, subpath: str = "") -> Response:
     check_service(ctx.settings, service)
     if subpath == "sink":
         raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
-    submission = submission_from_request(ctx.settings, service, subpath)
+    wait = preferred_wait()
+    request_id = enqueue(ctx, submission_from_request(ctx.settings, service, subpath))
+    if wait:
+        return answer_when_ended(ctx, request_id, wait)
+    response = Response(request_id, status=200, mimetype="text/plain")
+    response.headers[forwarding.REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def enqueue(ctx: ApiContext, submission: queueing.Submission) -> str:
+    """Queues the submission (or finds the request its Idempotency-Key names); its request id."""
     used = ctx.memory.over_high_water()
     if used is not None:
         raise ApiError(
@@ -85,15 +96,42 @@ def submit(service: str, subpath: str = "") -> Response:
         )
     if queued.outcome == "conflict":
         raise ApiError(422, "this Idempotency-Key was already used for a different request")
-    response = Response(queued.request_id, status=200, mimetype="text/plain")
-    response.headers[forwarding.REQUEST_ID_HEADER] = queued.request_id
+    return queued.request_id
+
+
+def answer_when_ended(ctx: ApiContext, request_id: str, wait: int) -> Response:
+    """`Prefer: wait=<n>`: 200 with the sink record if the request ends within n seconds, else 202 with its
+    id, as a submit answers without the header."""
+
+    def ended() -> lifecycle.RequestState | None:
+        state = lifecycle.read_state(ctx.connection, request_id)
+        return state if state is not None and state.status.ended else None
+
+    state = ctx.notifier.wait_until(ended, wait, request_id=request_id)
+    response = jsonify(state.record()) if state else Response(request_id, status=202, mimetype="text/plain")
+    response.headers[forwarding.REQUEST_ID_HEADER] = request_id
+    response.headers["Preference-Applied"] = f"wait={wait}"
     return response
+
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
+
+
+def preferred_wait() -> int:
+    """Seconds from `Prefer: wait=<n>` (RFC 7240), at most MAX_WAIT; 0 without it. A preference is a hint:
+    a larger n is honoured up to MAX_WAIT, and a malformed one is ignored, as the RFC asks."""
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    return min(int(match[1]), int(MAX_WAIT)) if match else 0
 
 
 @bp.get("/api/predict/<service>/sink")
 def sink(service: str) -> tuple[Response, int] | Response:
     ctx = context()
     check_service(ctx.settings, service)
+    if "_watch_" in request.args:  # a WebSocket watch is eas_sink.py's own route
+        if not events.wants_events():
+            raise ApiError(400, "a watch is a WebSocket, or Server-Sent Events with Accept: text/event-stream")
+        return events.stream(ctx, service)
     if eas_sink.handles_sink_get():  # the EAS SDK's get, attributes, count
         return eas_sink.sink_get(ctx, service)
     request_id = sink_request_id(SINK_PARAMETERS)
