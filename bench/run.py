@@ -1146,11 +1146,13 @@ def measure_soak(stack: Stack, cfg: Config) -> list[Row]:
         tree = process_tree()
         worker_pids = [pid for w in workers for pid in [w.pid, *descendants(w.pid, tree)]]
         rss_start = {"api": rss_bytes(api_pids), "workers": rss_bytes(worker_pids)}
+        redis_before = redis_counters(client)
         result = run_wrk(stack, f"{stack.api_url}/api/predict/{SERVICE}", cfg.soak_seconds)
         accepted = result["requests"] - result["status"]
         finished, failed = wait_drained(stack, accepted, 120)
         rss_end = {"api": rss_bytes(api_pids), "workers": rss_bytes(worker_pids)}
         kept = (used_memory(client) - before) / max(finished, 1)
+        redis_cpu = (redis_counters(client)[0] - redis_before[0]) / max(finished, 1)
     finally:
         for worker in workers:
             stack.procs.stop(worker)
@@ -1158,7 +1160,12 @@ def measure_soak(stack: Stack, cfg: Config) -> list[Row]:
     row.value = f"{finished:,} SUCCESS, {failed} FAILURE"
     row.reference = f"{accepted:,} answered 200 to wrk ({accepted / cfg.soak_seconds:,.0f} req/s); open index empty"
     row.compare = "all ended SUCCESS" if finished >= accepted and not failed else "MISSES: not all SUCCESS"
-    row.notes = f"Redis kept {human_bytes(kept)} per finished request afterwards; wrk non-2xx {result['status']}"
+    # Redis's own CPU per request, submit to result: what bounds one Redis (a single-threaded server).
+    row.notes = (
+        f"Redis kept {human_bytes(kept)} per finished request afterwards; Redis CPU {redis_cpu * 1e6:,.0f} us "
+        f"per request end to end, so one Redis core sustains ~{1 / redis_cpu:,.0f} req/s; wrk non-2xx "
+        f"{result['status']}"
+    )
     growth = {k: rss_end[k] / rss_start[k] - 1 for k in rss_start}
     rss_row.value = f"API {growth['api']:+.1%}, workers {growth['workers']:+.1%}"
     rss_row.reference = f"start: API {human_bytes(rss_start['api'])}, workers {human_bytes(rss_start['workers'])}"
