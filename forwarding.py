@@ -13,6 +13,7 @@ import re
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes, urlencode
@@ -27,6 +28,7 @@ REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
 SUBPATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.~-]{1,128}$")
 MAX_SUBPATH_LENGTH = 1024
 ERROR_SNIPPET = 200
+COMPRESS_ABOVE = 1024  # bytes: a larger answer is kept zlib-compressed (encode_answer)
 READ_CHUNK = 65536  # bytes asked of the model's answer at a time
 DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
 
@@ -118,7 +120,26 @@ class Attempt:
 
 
 def encode_answer(status_code: int, content_type: str, body: bytes) -> dict[str, Any]:
-    """The model's answer as stored: JSON as JSON, text as text, anything else base64 with a marker."""
+    """The model's answer as stored. Up to COMPRESS_ABOVE bytes as the sink shows it (readable in the
+    dashboard too); a larger one as its exact bytes, zlib-compressed (`body_zlib`, base64): Redis keeps a
+    result for `result_ttl`, and long text answers shrink several times over. expand_answer undoes it."""
+    if len(body) > COMPRESS_ABOVE:
+        packed = base64.b64encode(zlib.compress(body, 6)).decode("ascii")
+        stored = {"status": "success", "target_status_code": status_code, "content_type": content_type}
+        return {**stored, "body_zlib": packed}
+    return _shown_answer(status_code, content_type, body)
+
+
+def expand_answer(answer: Any) -> Any:
+    """A stored answer as the sink shows it: `body` and `body_encoding`, whatever its size."""
+    if not isinstance(answer, dict) or "body_zlib" not in answer:
+        return answer
+    code, content_type, body = decode_answer(answer)
+    return _shown_answer(code, content_type, body)
+
+
+def _shown_answer(status_code: int, content_type: str, body: bytes) -> dict[str, Any]:
+    """JSON as JSON, text as text, anything else base64 with a marker."""
     answer: dict[str, Any] = {"status": "success", "target_status_code": status_code, "content_type": content_type}
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
@@ -138,10 +159,12 @@ def encode_answer(status_code: int, content_type: str, body: bytes) -> dict[str,
 
 
 def decode_answer(answer: dict[str, Any]) -> tuple[int, str, bytes]:
-    """The model's status code, content type and body bytes back from what encode_answer stored. JSON is
-    written out again compactly: the same JSON value, whitespace may differ from the model's."""
+    """The model's status code, content type and body bytes back from what encode_answer stored. A small
+    JSON answer is written out again compactly: the same JSON value, whitespace may differ from the model's."""
     body, encoding = answer.get("body"), answer.get("body_encoding")
-    if encoding == "json":
+    if "body_zlib" in answer:
+        data = zlib.decompress(base64.b64decode(answer["body_zlib"]))  # exactly the model's bytes
+    elif encoding == "json":
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     elif encoding == "base64":
         data = base64.b64decode(body or "")

@@ -30,6 +30,7 @@ from rq.registry import CanceledJobRegistry
 from rq.results import Result
 from rq.utils import now, utcformat
 
+import forwarding
 import keys
 import redis_scripts
 
@@ -99,7 +100,7 @@ class RequestState:
     enqueued_at: str | None
     started_at: str | None
     ended_at: str | None
-    result: Any = None
+    result: Any = None  # SUCCESS: the answer as stored (forwarding.encode_answer)
     error: str | None = None
     retry_at: float | None = None
     sink_index: int | None = None  # its index in the service's sink log, once it has ended (sink_log.py)
@@ -122,7 +123,7 @@ class RequestState:
         if self.tags:
             body["tags"] = self.tags
         if self.status == RequestStatus.SUCCESS:
-            body["result"] = self.result
+            body["result"] = forwarding.expand_answer(self.result)
         elif self.status == RequestStatus.FAILURE:
             body["error_info"] = self.error
         elif self.status == RequestStatus.RETRY:

@@ -1,11 +1,13 @@
 """What Redis keeps, and back-pressure before it is full (a real redis-server with a small maxmemory)."""
 
 import base64
+import json
 import os
 
 import requests
+from rq.job import Job
 
-from tests.conftest import Api, RedisServer, Workers, service_env, wait_for
+from tests.conftest import AUTH, Api, RedisServer, Workers, service_env, wait_for
 
 
 def test_submits_get_429_before_redis_is_full_and_every_accepted_request_succeeds(tmp_path, model):
@@ -40,3 +42,21 @@ def test_submits_get_429_before_redis_is_full_and_every_accepted_request_succeed
         workers.stop_all()
         api.stop()
         server.kill()
+
+
+def test_a_large_answer_is_kept_compressed_and_shown_as_before(api, workers, db):
+    """Answers over 1 KB are stored zlib-compressed (forwarding.encode_answer); the sink expands them, and
+    `_raw_=true` gives the model's exact bytes back."""
+    answer = {"text": " ".join(f"token{n % 500}" for n in range(8000))}  # 70 KB of JSON, as an LLM might
+    body = json.dumps(answer, indent=1).encode()
+    request_id = api.submit_ok(params={"echo": "1"}, body=body)
+    workers.start()
+    result = api.wait_status(request_id, "SUCCESS")["result"]
+    assert (result["body"], result["body_encoding"]) == (answer, "json")
+    raw = requests.get(
+        f"{api.url}/api/predict/svc/sink", params={"request_id": request_id, "_raw_": "true"}, headers=AUTH, timeout=10
+    )
+    assert raw.content == body  # byte for byte, whitespace included
+    stored = Job.fetch(request_id, connection=db).return_value()
+    assert "body_zlib" in stored and "body" not in stored
+    assert db.memory_usage(f"rq:results:{request_id}") < len(body) / 3
