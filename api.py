@@ -17,6 +17,7 @@ import events
 import forwarding
 import keys
 import lifecycle
+import metrics
 import queueing
 import redis_errors
 from auth import check_token
@@ -67,6 +68,7 @@ def context() -> ApiContext:
 def submit(service: str, subpath: str = "") -> Response:
     ctx = context()
     check_service(ctx.settings, service)
+    request.environ[metrics.SERVICE_ENVIRON] = service  # a label now: it passed the service and token checks
     if subpath == "sink":
         raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
     wait = preferred_wait()

@@ -18,6 +18,8 @@ from flask import Flask
 
 import api
 import eas_sink
+import logs
+import metrics
 import queueing
 from admin import queue_cli
 from backpressure import MemoryWatch
@@ -30,6 +32,7 @@ from settings import Settings, get_settings
 def create_app(settings: Settings | None = None) -> Flask:
     """The app for `settings` (default: the process's, from settings.toml and the environment)."""
     settings = settings or get_settings()
+    logs.configure(settings.log_format)
     app = Flask(__name__)
     app.json.sort_keys = False  # keep the sink's fields in the order they are documented
     app.url_map.merge_slashes = False  # `a//b` is a bad subpath (400), not a redirect to `a/b`
@@ -42,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["eas_queue"] = api.ApiContext(settings, connection, enqueuer, memory, notifier)
     app.register_blueprint(api.bp)
     app.register_blueprint(eas_sink.bp)  # the EAS SDK's watch (a WebSocket on the sink)
+    metrics.install(app)  # /metrics, and a log line and a count per submit
     add_dashboard(app, settings, connection)
     register_error_handlers(app)
     app.cli.add_command(queue_cli)  # flask --app eas_queue queue ... (admin.py)

@@ -19,6 +19,12 @@ class InFlight:
     job: Job
     queue: QueueKeys
     execution: Execution
+    # For the metrics and log lines (metrics.py, logs.py): which attempt this is, when the request was
+    # accepted (RQ's timestamp text), and what the attempt took and got (set by the forwarder).
+    attempt: int = 0
+    enqueued_at: str | None = None
+    forward_seconds: float = 0.0
+    model_code: str = "none"  # the model's HTTP status code, "none" when it did not answer
 
 
 class InFlightTable:

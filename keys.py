@@ -42,6 +42,7 @@ READINESS_PROBE = "eas:readiness-probe"  # written by /readyz
 SINK_LOG_PREFIX = "eas:sink:"  # <prefix><service>: a stream of the service's ended requests, ids 0-<index>
 SINK_INDEXES = "eas:sink-indexes"  # hash: service -> the last sink index given out
 ENDED_CHANNEL = "eas:ended"  # pub/sub: "<service> <index> <request id>" as each request ends
+METRICS = "eas:metrics"  # hash: counters the .lua scripts keep for /metrics, "<kind>|<service>[|<label>]"
 
 # Plain fields of ours in RQ's job hash (Lua scripts must read them; RQ's `meta` is pickled). The .lua
 # files spell these names too.

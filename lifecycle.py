@@ -254,7 +254,7 @@ def _append_to_sink_log(pipe: redis.client.Pipeline, request_id: str, status: Re
     """Queues the append of an ended request to its service's sink log (sink_log.py) on `pipe`, inside the
     transaction that ends it."""
     redis_scripts.register(pipe, "sink_append")(
-        keys=[keys.job_key(request_id), keys.SINK_INDEXES],
+        keys=[keys.job_key(request_id), keys.SINK_INDEXES, keys.METRICS],
         args=[request_id, status.value, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL],
         client=pipe,
     )

@@ -19,6 +19,7 @@ import redis
 
 import keys
 import redis_errors
+from metrics import WAITING_CLIENTS
 
 log = logging.getLogger("eas_queue")
 T = TypeVar("T")
@@ -48,6 +49,7 @@ class EndedNotifier:
         topics = [f"request:{request_id}"] if request_id else []
         topics += [f"service:{service}"] if service else []
         self._register(topics, event)
+        WAITING_CLIENTS.inc()
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -59,6 +61,7 @@ class EndedNotifier:
                 event.wait(left)
                 event.clear()
         finally:
+            WAITING_CLIENTS.dec()
             self._unregister(topics, event)
 
     @property

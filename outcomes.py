@@ -7,6 +7,7 @@ lua/record_outcomes.lua writes a whole batch atomically, in one call.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,8 @@ from rq.serializers import DefaultSerializer
 from rq.utils import now, utcformat
 
 import keys
+import logs
+import metrics
 import redis_scripts
 from forwarding import Attempt
 from inflight import InFlight
@@ -49,9 +52,31 @@ class Outcome:
         retries = "" if self.retries_left is None else self.retries_left
         args = [self.status.value, item.job.id, item.execution.id, item.queue.started, self.registry, self.score]
         args += [self.ttl, self.last_error, retries, len(result)]
+        args += [item.model_code, repr(item.forward_seconds), metrics.bucket_label(item.forward_seconds)]
         for pair in result.items():
             args += pair
         return args
+
+
+def sink_status(item: InFlight, attempt: Attempt) -> str:
+    """What the sink says after this attempt is recorded, by OutcomeRecorder.decide's rule (for the log)."""
+    if attempt.result is not None:
+        return "SUCCESS"
+    return "RETRY" if attempt.retryable and item.job.retries_left else "FAILURE"
+
+
+def log_recorded(batch: list[tuple[InFlight, Attempt]]) -> None:
+    """An `attempt` line (the model's status code, the attempt's seconds) and an `outcome` line (the sink's
+    status, seconds since the request was accepted) per recorded request, from the committer thread."""
+    if not logs.log.isEnabledFor(logging.INFO):
+        return
+    clock = time.time()
+    for item, attempt in batch:
+        job, priority = item.job, item.queue.name
+        service = job.args[0] if job.func_name == FORWARD_FUNCTION and job.args else ""
+        logs.event("attempt", job.id, service, priority, item.attempt, item.model_code, item.forward_seconds)
+        waited = clock - datetime.fromisoformat(item.enqueued_at).timestamp() if item.enqueued_at else 0.0
+        logs.event("outcome", job.id, service, priority, item.attempt, sink_status(item, attempt), waited)
 
 
 class OutcomeRecorder:
@@ -62,7 +87,7 @@ class OutcomeRecorder:
     ) -> None:
         self.connection, self.settings, self.worker_name = connection, settings, worker_name
         self.script = redis_scripts.register(connection, "record_outcomes")
-        self.keys = [keys.OPEN_REQUESTS, executions_key, worker_key]
+        self.keys = [keys.OPEN_REQUESTS, executions_key, worker_key, keys.METRICS]
 
     def record(self, batch: list[tuple[InFlight, Attempt]]) -> int:
         """Records a batch in one atomic call; safe to repeat. Returns how many came too late (recovery had

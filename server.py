@@ -23,7 +23,11 @@ from gevent import monkey
 monkey.patch_all()
 
 import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 from datetime import datetime  # noqa: E402
 from ssl import SSLError  # noqa: E402
 from typing import Any  # noqa: E402
@@ -38,6 +42,52 @@ worker_class = "server.JsonGeventWorker"
 preload_app = True  # import the app once in the master: a bad setting stops it with one line, before forking
 keepalive = 5  # seconds for a request line and headers to arrive (and for an idle keep-alive connection)
 worker_connections = 1000  # connections one worker serves at a time; more wait in the listen backlog
+
+
+# Metrics from every worker (metrics.py): prometheus-client's multiprocess mode reads this directory, which
+# must be set before the app (and so prometheus_client) is imported, and be empty at start. Only when
+# gunicorn runs this file: a test importing it must not switch its own process to that mode.
+_UNDER_GUNICORN = "gunicorn.app.wsgiapp" in sys.modules
+_OWN_METRICS_DIR = _UNDER_GUNICORN and not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eas-queue-metrics-")
+elif _UNDER_GUNICORN:
+    for _stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+        if _stale.name.endswith(".db"):
+            os.unlink(_stale.path)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker ended: its count of waiting clients goes (its counters stay, summed with the others')."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def _json_logconfig() -> dict[str, Any] | None:
+    """Under log_format = "json", gunicorn's own lines are JSON too (logs.py's formatter); the root logger is
+    left to logs.configure."""
+    from settings import get_settings
+
+    if not _UNDER_GUNICORN or get_settings().log_format != "json":
+        return None
+    own = {"propagate": False}
+    return {
+        "root": {"level": "WARNING", "handlers": []},
+        "loggers": {
+            "gunicorn.error": {"handlers": ["error_console"], "qualname": "gunicorn.error", **own},
+            "gunicorn.access": {"handlers": ["console"], "qualname": "gunicorn.access", **own},
+        },
+        "formatters": {"generic": {"()": "logs.json_formatter"}},
+    }
+
+
+logconfig_dict = _json_logconfig() or {}
 
 # Statuses other than 400 for gunicorn's own parse errors, as gunicorn's Worker.handle_error chooses them.
 _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (

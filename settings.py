@@ -58,6 +58,7 @@ class Settings:
     retry_intervals: tuple[float, ...]
     worker_concurrency: int
     listed_services_only: bool
+    log_format: str = "text"  # "text" or "json": the processes' log lines (logs.py)
     services: dict[str, Service] = field(default_factory=dict)
 
     def target_for(self, service: str) -> str:
@@ -161,6 +162,12 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+def _log_format(value: Any) -> str:
+    if value not in ("text", "json"):
+        raise ValueError('must be "text" or "json"')
+    return value
+
+
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "redis_url": _redis_url,
     "redis_timeout": _number(0, exclusive=True),
@@ -176,6 +183,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_result_bytes": _integer(1),
     "retry_intervals": _intervals,
     "worker_concurrency": _integer(1),
+    "log_format": _log_format,
     "listed_services_only": _boolean,
 }
 SERVICE_CHECKS: dict[str, Callable[[Any], Any]] = {"target_api_base_url": _http_url, "tokens": _tokens}
@@ -188,6 +196,8 @@ def _from_env_text(key: str, text: str) -> Any:
     if key in LIST_KEYS:
         items = [item.strip() for item in text.split(",") if item.strip()]
         return [_env_number(key, item) for item in items] if key == "retry_intervals" else items
+    if key == "log_format":
+        return text
     if key == "listed_services_only":
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):

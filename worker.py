@@ -29,6 +29,8 @@ from rq.worker import BaseWorker, WorkerStatus
 import forwarding
 import keys
 import lifecycle
+import logs
+import metrics
 import recovery
 import redis_connection
 import redis_errors
@@ -45,6 +47,9 @@ from worker_threads import Committer, Forwarders
 # (a redis+sentinel:// URL as RQ's SENTINEL dict, REDIS_URL then None: redis_connection.py).
 QUEUES = list(keys.QUEUE_NAMES)
 REDIS_URL, SENTINEL = redis_connection.rq_cli_settings(get_settings().redis_url, get_settings().redis_timeout)
+# Before `rq worker` sets up RQ's log handler (it adds none when one exists), so that under
+# log_format = "json" RQ's own lines are JSON too (logs.py).
+logs.configure(get_settings().log_format)
 
 
 class ForwardError(Exception):
@@ -95,6 +100,8 @@ def forward(
 # The job fields lua/claim.lua returns: only what forwarding and recording need (parsing RQ's four
 # timestamps per job cost more than forwarding it).
 CLAIM_FIELDS = ("data", "origin", "retries_left", "retry_intervals", "result_ttl", "failure_ttl")
+# Also returned, for the log lines and metrics (logs.py), and kept from RQ's restore, which would parse the time.
+LOG_FIELDS = ("eas_attempts", "enqueued_at")
 
 
 class QueueWorker(BaseWorker):
@@ -124,7 +131,7 @@ class QueueWorker(BaseWorker):
         self.in_flight = InFlightTable(self.settings.worker_concurrency)
         self.schedule = recovery.Schedule()
         self._claim_script = redis_scripts.register(self.connection, "claim")
-        self._claim_keys = [keys.OPEN_REQUESTS, self.executions_key]
+        self._claim_keys = [keys.OPEN_REQUESTS, self.executions_key, keys.METRICS]
         for q in self.queue_keys:
             self._claim_keys += [q.queue, q.started, q.canceled]
         self._promote_due = recovery.RetryPromoter(self.connection, self.queue_keys)
@@ -221,16 +228,19 @@ class QueueWorker(BaseWorker):
         args += [self.heartbeat_ttl, self.name, self.settings.result_ttl]
         args += [keys.JOB_PREFIX, keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX]
         args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL]
-        args += [adopted[0] if adopted else 0, adopted[1] if adopted else "", len(CLAIM_FIELDS), *CLAIM_FIELDS]
+        args += [adopted[0] if adopted else 0, adopted[1] if adopted else ""]
+        args += [len(CLAIM_FIELDS) + len(LOG_FIELDS), *CLAIM_FIELDS, *LOG_FIELDS]
         args += [uuid.uuid4().hex for _ in range(count + (1 if adopted else 0))]
         claimed = []
         for queue_index, job_id, execution_id, values in self._claim_script(keys=self._claim_keys, args=args):
             job = Job(job_id.decode(), connection=self.connection)
-            job.restore({name: value for name, value in zip(CLAIM_FIELDS, values, strict=True) if value is not None})
+            fields, (attempts, enqueued_at) = values[: len(CLAIM_FIELDS)], values[len(CLAIM_FIELDS) :]
+            job.restore({name: value for name, value in zip(CLAIM_FIELDS, fields, strict=True) if value is not None})
             job.started_at = started_at
             execution = Execution(execution_id.decode(), job.id, connection=self.connection, worker_name=self.name)
             execution._job = job
-            claimed.append(InFlight(job, self.queue_keys[queue_index - 1], execution))
+            queue = self.queue_keys[queue_index - 1]
+            claimed.append(InFlight(job, queue, execution, int(attempts or 0), enqueued_at and enqueued_at.decode()))
         self.in_flight.add(claimed)
         return claimed
 
@@ -247,8 +257,14 @@ class QueueWorker(BaseWorker):
         return self._claim(0, adopted=(index, job_id))
 
     def _attempt(self, item: InFlight) -> Attempt:
-        """One attempt at one request, in a forwarder thread; never raises."""
-        job = item.job
+        """One attempt at one request, in a forwarder thread; never raises. Notes its duration and the
+        model's status code on `item`, for the metrics and the log."""
+        started = time.perf_counter()
+        result = self._attempt_once(item.job)
+        item.forward_seconds, item.model_code = time.perf_counter() - started, metrics.model_status(result)
+        return result
+
+    def _attempt_once(self, job: Job) -> Attempt:
         try:
             if job.func_name == FORWARD_FUNCTION:
                 return attempt(self.settings, job.id, ModelRequest(*job.args))

@@ -18,7 +18,7 @@ import redis
 import redis_errors
 from forwarding import Attempt
 from inflight import InFlight, InFlightTable
-from outcomes import OutcomeRecorder
+from outcomes import OutcomeRecorder, log_recorded
 
 _STOP = None  # put on a work queue: the thread reading it ends
 
@@ -92,6 +92,7 @@ class Committer(threading.Thread):
         while True:
             try:
                 stale = self.recorder.record(batch)
+                log_recorded(batch)
                 if stale:
                     self.log.warning("%d outcomes came after recovery had taken their requests", stale)
                 return

@@ -5,7 +5,8 @@
 -- {queue index, job id, execution id, {the requested job fields}}: only what forwarding needs.
 local open_requests = KEYS[1]
 local worker_executions = KEYS[2]
-local first_queue_key = 3 -- then per queue: list, StartedJobRegistry, CanceledJobRegistry
+local metrics = KEYS[3] -- an expiry counts as an ended request there (metrics.py)
+local first_queue_key = 4 -- then per queue: list, StartedJobRegistry, CanceledJobRegistry
 
 local want = tonumber(ARGV[1])
 local now_unix = ARGV[2]
@@ -35,6 +36,7 @@ local function append_to_sink_log(job_key, id, status)
   redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
   redis.call('HSET', job_key, 'eas_sink_index', index)
   redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+  redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 end
 
 local function expire(job_key, id, canceled_registry)

@@ -4,10 +4,13 @@
 -- RQ's ten pipelined commands per request, and atomic, which RQ's Job.retry is not (it writes the status
 -- first). Only the worker that still holds a request (its StartedJobRegistry entry) may record it: if its
 -- heartbeat lapsed, recovery has retried or failed the request, and a late outcome must not undo that.
+-- Each recorded outcome also counts in the metrics hash (metrics.py): its attempt by the model's status
+-- code, the attempt's duration bucket, a retry, and the request's end by outcome.
 -- Returns how many outcomes came too late (their request was no longer this worker's).
 local open_requests = KEYS[1]
 local worker_executions = KEYS[2]
 local worker_key = KEYS[3]
+local metrics = KEYS[4]
 
 local now_text = ARGV[1] -- RQ's timestamp format
 local job_prefix, results_prefix = ARGV[2], ARGV[3]
@@ -26,6 +29,16 @@ local function append_to_sink_log(job_key, id, status)
   redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
   redis.call('HSET', job_key, 'eas_sink_index', index)
   redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+  redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
+end
+
+-- The attempt behind an outcome: its model status code ('none': no answer), duration and histogram bucket.
+local function count_attempt(job_key, status, code, seconds, bucket)
+  local service = redis.call('HGET', job_key, 'eas_service') or ''
+  redis.call('HINCRBY', metrics, 'forwards|' .. service .. '|' .. code, 1)
+  redis.call('HINCRBY', metrics, 'forward_le|' .. service .. '|' .. bucket, 1)
+  redis.call('HINCRBYFLOAT', metrics, 'forward_sum|' .. service, seconds)
+  if status == 'scheduled' then redis.call('HINCRBY', metrics, 'retries|' .. service, 1) end
 end
 
 -- A finished request drops its body, and the fields that matter only while it may run again: nothing
@@ -59,13 +72,16 @@ while i <= #ARGV do
   local last_error = ARGV[i + 7] -- '': none
   local retries_left = ARGV[i + 8] -- '': unchanged
   local result_field_count = tonumber(ARGV[i + 9])
-  local first_result_field = i + 10
+  -- 3 more values for the metrics: model status code, attempt seconds, histogram bucket; then the pairs
+  local code, seconds, bucket = ARGV[i + 10], ARGV[i + 11], ARGV[i + 12]
+  local first_result_field = i + 13
   local composite = id .. ':' .. execution_id
   if redis.call('ZREM', started_registry, composite) == 1 then
     local job_key = job_prefix .. id
     redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
     if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
     if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
+    count_attempt(job_key, status, code, seconds, bucket)
     if status == 'finished' then
       shrink_finished_job(job_key)
       append_to_sink_log(job_key, id, 'SUCCESS')

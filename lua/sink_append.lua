@@ -3,6 +3,7 @@
 -- index on the job, and a notification for waiting clients. Returns the index (0: no such request).
 local job_key = KEYS[1]
 local sink_indexes = KEYS[2]
+local metrics = KEYS[3] -- the request's end counts there, by outcome (metrics.py)
 
 local id = ARGV[1]
 local status = ARGV[2] -- SUCCESS, FAILURE, EXPIRED or CANCELED
@@ -16,4 +17,5 @@ local index = redis.call('HINCRBY', sink_indexes, service, 1)
 redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
 redis.call('HSET', job_key, 'eas_sink_index', index)
 redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 return index
