@@ -31,6 +31,8 @@ class MemoryWatch:
         return self._used
 
     def over_high_water(self) -> float | None:
-        """The fraction used, if it is past the high-water mark; None otherwise."""
+        """The fraction used, if it is past the high-water mark but Redis still has room; None otherwise.
+        A Redis already at its `maxmemory` refuses the write itself, and the client gets the 503 that says so
+        (`Redis refuses writes: OOM ...`): it is unavailable, not merely busy."""
         used = self.fraction_used()
-        return used if used >= self.high_water else None
+        return used if self.high_water <= used < 1.0 else None

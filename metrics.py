@@ -70,8 +70,10 @@ _ANSWERED = re.compile(r"the model answered HTTP (\d{3})\b")  # forwarding.send'
 def model_status(attempt: forwarding.Attempt) -> str:
     """The model's HTTP status code for an attempt ("none": it did not answer, or its answer was too large to
     keep), read where the Attempt keeps it: the stored answer, or the error the sink shows."""
-    if attempt.result is not None:
+    if isinstance(attempt.result, dict):
         return str(attempt.result.get("target_status_code", "none"))
+    if attempt.result is not None:
+        return "none"  # another job function's return value (QueueWorker runs those too)
     match = _ANSWERED.match(attempt.error or "")
     return match[1] if match else "none"
 
