@@ -12,6 +12,7 @@ import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.routing import PathConverter
 
+import callback_urls
 import eas_sink
 import events
 import forwarding
@@ -24,7 +25,7 @@ from auth import check_token
 from backpressure import MemoryWatch
 from errors import ApiError
 from notifier import EndedNotifier
-from settings import Settings, is_service_name
+from settings import Service, Settings, is_service_name
 
 bp = Blueprint("api", __name__)
 
@@ -36,6 +37,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
 REDIS_FULL_RETRY_AFTER = 5  # ... and when Redis is past its memory high-water mark
 BODY_IDLE_TIMEOUT = 10.0  # seconds a request body may send nothing before the client gets 408
+CALLBACK_HEADER = "X-Eas-Callback-Url"  # a submit's completion webhook (webhooks.py)
 
 
 class SubpathConverter(PathConverter):
@@ -259,6 +261,7 @@ def submission_from_request(settings: Settings, service: str, subpath: str) -> q
         raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters")
     if subpath and not forwarding.is_subpath(subpath):
         raise ApiError(400, "subpath segments must be letters, digits, '_', '.', '~' or '-', and not '.' or '..'")
+    callback = callback_url(settings, service, headers.get(CALLBACK_HEADER))
     body = read_body(settings.max_body_bytes)
     return queueing.Submission(
         service=service,
@@ -271,7 +274,20 @@ def submission_from_request(settings: Settings, service: str, subpath: str) -> q
         idempotency_key=key,
         raw_query=forwarding.forwarded_query(request.query_string),
         content_encoding=headers.get("Content-Encoding"),
+        callback_url=callback,
     )
+
+
+def callback_url(settings: Settings, service: str, header: str | None) -> str | None:
+    """The request's completion webhook: the header's, else its service's; 400 unless callback_urls allows it."""
+    url = header if header is not None else (settings.services.get(service) or Service()).callback_url
+    if url is None:
+        return None
+    try:
+        callback_urls.check_url(url, settings.callback_allowed_hosts, settings.redis_endpoints())
+    except callback_urls.CallbackRefused as error:
+        raise ApiError(400, f"{CALLBACK_HEADER}: {error}") from None
+    return url
 
 
 def read_body(limit: int) -> bytes:

@@ -42,6 +42,9 @@ READINESS_PROBE = "eas:readiness-probe"  # written by /readyz
 SINK_LOG_PREFIX = "eas:sink:"  # <prefix><service>: a stream of the service's ended requests, ids 0-<index>
 SINK_INDEXES = "eas:sink-indexes"  # hash: service -> the last sink index given out
 ENDED_CHANNEL = "eas:ended"  # pub/sub: "<service> <index> <request id>" as each request ends
+CALLBACK_OUTBOX = "eas:callbacks"  # list: "<service> <index> <id> <url>" per ended request with a callback,
+# until its delivery job is queued (callbacks.py)
+WEBHOOKS_QUEUE = "webhooks"  # RQ queue of webhook deliveries, run by its own QueueWorker
 METRICS = "eas:metrics"  # hash: counters the .lua scripts keep for /metrics, "<kind>|<service>[|<label>]"
 
 # Plain fields of ours in RQ's job hash (Lua scripts must read them; RQ's `meta` is pickled). The .lua
@@ -53,6 +56,8 @@ LAST_ERROR_FIELD = "eas_last_error"  # why the last attempt failed, while the re
 OUTCOME_FIELD = "eas_outcome"  # `canceled` or `expired`: ended without being forwarded
 SINK_INDEX_FIELD = "eas_sink_index"  # its index in the service's sink log, once it has ended
 TAGS_FIELD = "eas_tags"  # JSON map of its tags (query parameters not named `_..._`), if it has any
+CALLBACK_URL_FIELD = "eas_callback_url"  # where its completion webhook goes, if anywhere (webhooks.py)
+CALLBACK_FIELD = "eas_callback"  # JSON: that webhook's delivery state, for the sink index it reports
 
 
 def sink_log_key(service: str) -> str:

@@ -105,6 +105,7 @@ class RequestState:
     retry_at: float | None = None
     sink_index: int | None = None  # its index in the service's sink log, once it has ended (sink_log.py)
     tags: dict[str, str] = field(default_factory=dict)  # its query parameters not named `_..._` (EAS's tags)
+    callback: dict[str, Any] | None = None  # its completion webhook's delivery state, if it has one (webhooks.py)
 
     def record(self) -> dict[str, Any]:
         """The sink's JSON body for this state."""
@@ -122,6 +123,8 @@ class RequestState:
             body["index"] = self.sink_index
         if self.tags:
             body["tags"] = self.tags
+        if self.callback:
+            body["callback"] = self.callback
         if self.status == RequestStatus.SUCCESS:
             body["result"] = forwarding.expand_answer(self.result)
         elif self.status == RequestStatus.FAILURE:
@@ -146,6 +149,8 @@ _VIEW_FIELDS = (
     keys.OUTCOME_FIELD,
     keys.SINK_INDEX_FIELD,
     keys.TAGS_FIELD,
+    keys.CALLBACK_URL_FIELD,
+    keys.CALLBACK_FIELD,
 )
 _FORWARD_ERROR_PREFIX = re.compile(r"^(?:[\w.]+\.)?ForwardError: ")
 
@@ -165,6 +170,20 @@ def _error_line(exc_string: str | None) -> str:
     return _FORWARD_ERROR_PREFIX.sub("", last)
 
 
+def _callback(url: bytes | None, state: bytes | None, sink_index: int | None) -> dict[str, Any] | None:
+    """The webhook's delivery state as the sink shows it: `pending` until a delivery for the request's current
+    end (its sink index) has reported (webhooks.py writes the state)."""
+    if not url:
+        return None
+    recorded = json.loads(state) if state else {}
+    if sink_index is None or recorded.get("index") != sink_index:
+        recorded = {}
+    view = {"url": url.decode(), "status": recorded.get("status", "pending"), "attempts": recorded.get("attempts", 0)}
+    if recorded.get("last_error"):
+        view["last_error"] = recorded["last_error"]
+    return view
+
+
 def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
     """The request's state in one round trip, without loading its body; None if unknown or expired."""
     with connection.pipeline(transaction=False) as pipe:
@@ -180,6 +199,7 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
     rq_status = raw["status"].decode()
     attempts = int(raw[keys.ATTEMPTS_FIELD] or 0)
     expired = _text(raw[keys.OUTCOME_FIELD]) == "expired"
+    sink_index = int(raw[keys.SINK_INDEX_FIELD]) if raw[keys.SINK_INDEX_FIELD] else None
     common = dict(
         request_id=request_id,
         service=raw[keys.SERVICE_FIELD].decode(),
@@ -187,8 +207,9 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
         enqueued_at=_text(raw["enqueued_at"]),
         started_at=_text(raw["started_at"]),
         ended_at=_text(raw["ended_at"]),
-        sink_index=int(raw[keys.SINK_INDEX_FIELD]) if raw[keys.SINK_INDEX_FIELD] else None,
+        sink_index=sink_index,
         tags=json.loads(raw[keys.TAGS_FIELD]) if raw[keys.TAGS_FIELD] else {},
+        callback=_callback(raw[keys.CALLBACK_URL_FIELD], raw[keys.CALLBACK_FIELD], sink_index),
     )
     latest = Result.restore(request_id, results[0][0].decode(), results[0][1], connection) if results else None
     if rq_status == JobStatus.FINISHED and latest and latest.type == Result.Type.SUCCESSFUL:
@@ -255,6 +276,6 @@ def _append_to_sink_log(pipe: redis.client.Pipeline, request_id: str, status: Re
     transaction that ends it."""
     redis_scripts.register(pipe, "sink_append")(
         keys=[keys.job_key(request_id), keys.SINK_INDEXES, keys.METRICS],
-        args=[request_id, status.value, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL],
+        args=[request_id, status.value, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX],
         client=pipe,
     )

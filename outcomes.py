@@ -95,7 +95,7 @@ class OutcomeRecorder:
         clock, ended_at = time.time(), now()
         args: list[Any] = [utcformat(ended_at), keys.JOB_PREFIX, keys.RESULTS_PREFIX]
         args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX, FINISHED_JOB_DATA, repr(clock)]
-        args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL]
+        args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX]
         for item, attempt in batch:
             args += self.decide(item, attempt, clock, ended_at).script_args(item)
         return int(self.script(keys=self.keys, args=args))

@@ -11,6 +11,8 @@ atomically (RQ's `meta` is pickled):
   eas_last_error  why the last attempt failed, shown while the request waits for its retry
   eas_outcome     `canceled` or `expired` for requests that ended without being forwarded
   eas_tags        its tags, the query parameters not named `_..._`, as a JSON map (EAS's tags)
+  eas_callback_url  where its completion webhook goes (webhooks.py); lua/*.lua read it as it ends
+  eas_callback    that webhook's delivery state (JSON), written by the delivery job
 
 One more structure goes beyond RQ: the sorted set `eas:open` (request id -> accept time) indexes requests
 that have not ended. Workers sweep it to find requests that a crash left in no queue and no registry
@@ -76,6 +78,7 @@ class Submission:
     idempotency_key: str | None
     raw_query: str | None = None  # what the model gets (forwarding.forwarded_query); None: `query` encoded
     content_encoding: str | None = None
+    callback_url: str | None = None  # its completion webhook (webhooks.py), checked by callback_urls.py
 
     @property
     def model_request(self) -> ModelRequest:
@@ -130,6 +133,8 @@ def _fingerprint(submission: Submission) -> str:
         digest.update(part.encode() + b"\0")
     if submission.content_encoding:  # only then, so a key's fingerprint is the same as before it existed
         digest.update(b"content-encoding:" + submission.content_encoding.encode() + b"\0")
+    if submission.callback_url:  # likewise
+        digest.update(b"callback-url:" + submission.callback_url.encode() + b"\0")
     digest.update(submission.body)
     return digest.hexdigest()
 
@@ -192,6 +197,8 @@ class Enqueuer:
         fields[keys.SERVICE_FIELD] = submission.service
         if submission.query:
             fields[keys.TAGS_FIELD] = tags_json(submission.query)
+        if submission.callback_url:
+            fields[keys.CALLBACK_URL_FIELD] = submission.callback_url
         limits = [t for t in (self.settings.queue_ttl or None, submission.ttl) if t]
         script_keys = [
             keys.queue_keys(_queue_name(submission)).queue,

@@ -7,6 +7,7 @@ TARGET_API_BASE_URL). Validated once, so a typo stops a process at start instead
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import callback_urls
 from redis_connection import SENTINEL_SCHEME, parse_sentinel_url
 
 DEFAULT_FILE = Path(__file__).with_name("settings.toml")
@@ -39,6 +41,8 @@ class Service:
 
     target_api_base_url: str | None = None
     tokens: tuple[str, ...] | None = None
+    callback_url: str | None = None  # completion webhook for requests that do not name one (webhooks.py)
+    callback_secret: str | None = None  # its own signing secret instead of the global one
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,26 @@ class Settings:
     listed_services_only: bool
     log_format: str = "text"  # "text" or "json": the processes' log lines (logs.py)
     services: dict[str, Service] = field(default_factory=dict)
+    # Completion webhooks (webhooks.py, callback_urls.py); empty allowed hosts: callbacks are off.
+    callback_allowed_hosts: tuple[str, ...] = ()
+    callback_secret: str = ""
+    callback_retry_intervals: tuple[float, ...] = (1, 5, 30)
+    callback_timeout: float = 10.0
+
+    def callback_secret_for(self, service: str) -> str:
+        """The secret that signs `service`'s webhooks: its own if it has one, else the global one."""
+        override = self.services.get(service)
+        return (override.callback_secret if override else None) or self.callback_secret
+
+    def redis_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Redis's host and port (a Sentinel URL: the sentinels'), which a webhook may never reach."""
+        parts = urlsplit(self.redis_url)
+        if parts.scheme == SENTINEL_SCHEME:
+            sentinels = parse_sentinel_url(self.redis_url).sentinels
+            return tuple((callback_urls.normal_host(host), int(port)) for host, port in sentinels)
+        if parts.scheme == "unix" or not parts.hostname:
+            return ()
+        return ((callback_urls.normal_host(parts.hostname), parts.port or 6379),)
 
     def target_for(self, service: str) -> str:
         """Base URL of the model API that serves `service`."""
@@ -156,6 +180,27 @@ def _intervals(value: Any) -> tuple[float, ...]:
     return tuple(_number(0)(v) for v in value)
 
 
+def _allowed_hosts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError('must be a list of host:port, e.g. ["hooks.example.com:443"]')
+    return tuple(callback_urls.parse_entry(v) for v in value)
+
+
+def _webhook_secret(value: Any) -> str:
+    """Standard Webhooks' form, whsec_<base64 of 24-64 random bytes>; '' for none."""
+    if value == "":
+        return value
+    if not isinstance(value, str) or not value.startswith("whsec_"):
+        raise ValueError("must be whsec_<base64>, e.g. whsec_$(head -c 32 /dev/urandom | base64)")
+    try:
+        size = len(base64.b64decode(value[len("whsec_") :], validate=True))
+    except ValueError:
+        raise ValueError("must be whsec_<base64>: the part after whsec_ is not base64") from None
+    if not 24 <= size <= 64:
+        raise ValueError(f"must hold 24 to 64 random bytes, not {size}")
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
@@ -185,9 +230,18 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "worker_concurrency": _integer(1),
     "log_format": _log_format,
     "listed_services_only": _boolean,
+    "callback_allowed_hosts": _allowed_hosts,
+    "callback_secret": _webhook_secret,
+    "callback_retry_intervals": _intervals,
+    "callback_timeout": _number(0, exclusive=True),
 }
-SERVICE_CHECKS: dict[str, Callable[[Any], Any]] = {"target_api_base_url": _http_url, "tokens": _tokens}
-LIST_KEYS = {"tokens", "retry_intervals"}
+SERVICE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "target_api_base_url": _http_url,
+    "tokens": _tokens,
+    "callback_url": _string,  # checked against callback_allowed_hosts once all is read (_check_callbacks)
+    "callback_secret": _webhook_secret,
+}
+LIST_KEYS = {"tokens", "retry_intervals", "callback_allowed_hosts", "callback_retry_intervals"}
 
 
 def _from_env_text(key: str, text: str) -> Any:
@@ -195,7 +249,7 @@ def _from_env_text(key: str, text: str) -> Any:
     text = text.strip()
     if key in LIST_KEYS:
         items = [item.strip() for item in text.split(",") if item.strip()]
-        return [_env_number(key, item) for item in items] if key == "retry_intervals" else items
+        return [_env_number(key, item) for item in items] if key.endswith("retry_intervals") else items
     if key == "log_format":
         return text
     if key == "listed_services_only":
@@ -205,7 +259,7 @@ def _from_env_text(key: str, text: str) -> Any:
         if lowered in ("0", "false", "no", "off", ""):
             return False
         raise SettingsError(key, f"must be true or false, not {text!r}")
-    if key in ("redis_url", "target_api_base_url"):
+    if key in ("redis_url", "target_api_base_url", "callback_secret"):
         return text
     return _env_number(key, text)
 
@@ -282,7 +336,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError as error:
             raise SettingsError(key, str(error)) from None
     clean["services"] = _services(raw.get("services", {}))
-    return Settings(**clean)
+    settings = Settings(**clean)
+    _check_callbacks(settings)
+    return settings
+
+
+def _check_callbacks(settings: Settings) -> None:
+    """Callbacks need a secret to sign with, and a service's own callback URL must be one a client could
+    give (callback_urls.check_url)."""
+    if settings.callback_allowed_hosts and not settings.callback_secret:
+        raise SettingsError("callback_secret", "must be set (whsec_<base64>) when callback_allowed_hosts is not empty")
+    for name, service in settings.services.items():
+        if service.callback_url:
+            try:
+                callback_urls.check_url(service.callback_url, settings.callback_allowed_hosts)
+            except callback_urls.CallbackRefused as error:
+                raise SettingsError(f"services.{name}.callback_url", str(error)) from None
 
 
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")

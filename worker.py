@@ -26,6 +26,7 @@ from rq.job import Job, get_current_job
 from rq.utils import now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
 
+import callbacks
 import forwarding
 import keys
 import lifecycle
@@ -114,6 +115,7 @@ class QueueWorker(BaseWorker):
     recover_interval = 5.0
     orphan_interval = 5.0
     sink_trim_interval = 60.0  # entries of the sink logs older than result_ttl are dropped this often
+    callback_interval = 0.5  # ended requests' webhooks are queued this often (callbacks.py)
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
     batch_wait = 0.005  # longest wait for a bigger batch of free slots
 
@@ -227,7 +229,7 @@ class QueueWorker(BaseWorker):
         args: list[Any] = [count, repr(clock), utcformat(started_at), repr(clock + self.heartbeat_ttl)]
         args += [self.heartbeat_ttl, self.name, self.settings.result_ttl]
         args += [keys.JOB_PREFIX, keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX]
-        args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL]
+        args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX]
         args += [adopted[0] if adopted else 0, adopted[1] if adopted else ""]
         args += [len(CLAIM_FIELDS) + len(LOG_FIELDS), *CLAIM_FIELDS, *LOG_FIELDS]
         args += [uuid.uuid4().hex for _ in range(count + (1 if adopted else 0))]
@@ -291,6 +293,8 @@ class QueueWorker(BaseWorker):
             with recovery.exclusive(self.connection, "sink-trim", self.name) as mine:
                 if mine:
                     sink_log.trim_expired(self.connection, time.time() - self.settings.result_ttl)
+        if self.schedule.due("callbacks", self.callback_interval):
+            callbacks.run(self.connection, self.settings, self.name)
         if self.schedule.due("maintenance", self.maintenance_interval):
             # RQ's own maintenance, which RQ's work loop would run and ours replaces.
             self.clean_registries()

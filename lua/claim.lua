@@ -17,11 +17,12 @@ local worker_name = ARGV[6]
 local expired_ttl = tonumber(ARGV[7])
 local job_prefix, execution_prefix, executions_registry_prefix = ARGV[8], ARGV[9], ARGV[10]
 local sink_indexes, sink_log_prefix, ended_channel = ARGV[11], ARGV[12], ARGV[13]
-local adopted_queue = tonumber(ARGV[14]) -- a request this worker popped with BLPOP (0: none)
-local adopted_id = ARGV[15]
-local field_count = tonumber(ARGV[16])
-local fields = {unpack(ARGV, 17, 16 + field_count)}
-local next_execution_id = 17 + field_count -- ARGV[next_execution_id..]: fresh execution ids
+local callback_outbox = ARGV[14]
+local adopted_queue = tonumber(ARGV[15]) -- a request this worker popped with BLPOP (0: none)
+local adopted_id = ARGV[16]
+local field_count = tonumber(ARGV[17])
+local fields = {unpack(ARGV, 18, 17 + field_count)}
+local next_execution_id = 18 + field_count -- ARGV[next_execution_id..]: fresh execution ids
 
 local clock = redis.call('TIME') -- expiry is judged on Redis's clock, as the API and the sink judge it
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -36,6 +37,10 @@ local function append_to_sink_log(job_key, id, status)
   redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
   redis.call('HSET', job_key, 'eas_sink_index', index)
   redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+  local callback_url = redis.call('HGET', job_key, 'eas_callback_url') -- its webhook's outbox (callbacks.py)
+  if callback_url then
+    redis.call('RPUSH', callback_outbox, service .. ' ' .. index .. ' ' .. id .. ' ' .. callback_url)
+  end
   redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 end
 

@@ -18,7 +18,8 @@ local execution_prefix, executions_registry_prefix = ARGV[4], ARGV[5]
 local finished_job_data = ARGV[6] -- the `data` a finished request keeps: its function, not the request
 local now_unix = ARGV[7]
 local sink_indexes, sink_log_prefix, ended_channel = ARGV[8], ARGV[9], ARGV[10]
-local first_record = 11 -- then per request: 10 values, then its result field/value pairs
+local callback_outbox = ARGV[11]
+local first_record = 12 -- then per request: 10 values, then its result field/value pairs
 
 -- The same steps as in claim.lua and sink_append.lua: the request's entry in its service's sink log
 -- (index = one more than the last), its index on the job, and a notification for waiting clients.
@@ -29,6 +30,10 @@ local function append_to_sink_log(job_key, id, status)
   redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
   redis.call('HSET', job_key, 'eas_sink_index', index)
   redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+  local callback_url = redis.call('HGET', job_key, 'eas_callback_url') -- its webhook's outbox (callbacks.py)
+  if callback_url then
+    redis.call('RPUSH', callback_outbox, service .. ' ' .. index .. ' ' .. id .. ' ' .. callback_url)
+  end
   redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 end
 

@@ -8,6 +8,7 @@ local metrics = KEYS[3] -- the request's end counts there, by outcome (metrics.p
 local id = ARGV[1]
 local status = ARGV[2] -- SUCCESS, FAILURE, EXPIRED or CANCELED
 local sink_log_prefix, ended_channel = ARGV[3], ARGV[4]
+local callback_outbox = ARGV[5]
 
 local clock = redis.call('TIME')
 local now_unix = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
@@ -17,5 +18,9 @@ local index = redis.call('HINCRBY', sink_indexes, service, 1)
 redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
 redis.call('HSET', job_key, 'eas_sink_index', index)
 redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
+local callback_url = redis.call('HGET', job_key, 'eas_callback_url') -- its webhook's outbox (callbacks.py)
+if callback_url then
+  redis.call('RPUSH', callback_outbox, service .. ' ' .. index .. ' ' .. id .. ' ' .. callback_url)
+end
 redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 return index
