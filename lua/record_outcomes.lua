@@ -86,8 +86,10 @@ while i <= #ARGV do
     redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
     if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
     if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
-    count_attempt(job_key, status, code, seconds, bucket)
-    if status == 'finished' then
+    -- A request has a service; another job (a webhook delivery) is recorded as RQ would, and no more.
+    local is_request = redis.call('HEXISTS', job_key, 'eas_service') == 1
+    if is_request then count_attempt(job_key, status, code, seconds, bucket) end
+    if status == 'finished' and is_request then
       shrink_finished_job(job_key)
       append_to_sink_log(job_key, id, 'SUCCESS')
     elseif status == 'failed' then

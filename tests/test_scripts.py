@@ -219,3 +219,17 @@ def test_a_finished_request_keeps_no_body_and_stays_readable(redis_server, db, s
     assert db.object("encoding", keys.job_key(done)) == b"listpack"  # small again, so stored compactly
     assert db.ttl(keys.job_key(done)) > 0
     assert Job.fetch(failed, connection=db).args[4] == body
+
+
+def test_another_job_is_recorded_as_rq_would_and_not_shrunk_or_counted(redis_server, db, settings):
+    """A webhook delivery (or any other job function) keeps its own `data` when it finishes, and is neither
+    a request's sink-log entry nor a forward in the metrics."""
+    job = Queue("default", connection=db).enqueue("builtins.len", "four")
+    worker = queue_worker(redis_server, settings)
+    [item] = worker._claim(1)
+    recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
+    recorder.record([(item, Attempt(result=4))])
+    finished = Job.fetch(job.id, connection=db)
+    assert (finished.func_name, finished.args, finished.return_value()) == ("builtins.len", ("four",), 4)
+    assert not db.keys("eas:sink:*")
+    assert not any(b"forwards|" in field for field in db.hkeys("eas:metrics"))
