@@ -17,6 +17,7 @@ RQ jobs by the workers' upkeep.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from rq.job import Retry
@@ -77,6 +78,9 @@ def enqueue(queue: Queue, settings: Settings, retry: Retry | None, entry: bytes)
                     description=f"webhook of {service} request {request_id} (sink index {index})",
                     pipeline=pipe,
                 )
+                # Indexed as open like a request, so the crash sweep of a worker that runs `webhooks` finds a
+                # delivery that a worker killed between BLPOP and its claim left in no queue.
+                pipe.zadd(keys.OPEN_REQUESTS, {job_id: time.time()})
             pipe.lrem(keys.CALLBACK_OUTBOX, 1, entry)
             pipe.execute()
         except redis.WatchError:

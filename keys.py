@@ -35,7 +35,7 @@ EXECUTIONS_REGISTRY_PREFIX = ExecutionRegistry.key_template.format("")  # one so
 
 # eas-queue's own keys
 OPEN_REQUESTS = "eas:open"  # sorted set: request id -> accept time, for every request not yet ended
-ORPHAN_SUSPECTS = "eas:orphan-suspects"  # set of "<id>:<status>" that looked lost on the last sweep
+ORPHAN_SUSPECTS = "eas:orphan-suspects"  # :<queues>, a set of "<id>:<status>" that looked lost on the last sweep
 IDEMPOTENCY_PREFIX = "eas:idempotency:"  # <prefix><service>:<sha256 of the client's key> -> "<id> <fingerprint>"
 LOCK_PREFIX = "eas:lock:"  # one worker at a time runs each recovery task
 READINESS_PROBE = "eas:readiness-probe"  # written by /readyz

@@ -119,6 +119,8 @@ class OrphanSweep:
         self.age = 10.0  # seconds an accepted request must be old before it can count as lost
         self.batch = 1000  # open requests examined per sweep
         self.requeue_script = redis_scripts.register(connection, "requeue_orphan")
+        # Workers of other queues (`webhooks`) sweep too: each set of queues keeps its own suspects.
+        self.suspects_key = f"{keys.ORPHAN_SUSPECTS}:{','.join(q.name for q in queues)}"
         self._queues_by_name = {q.name: q for q in queues}
 
     def run(self) -> int:
@@ -178,11 +180,11 @@ class OrphanSweep:
         """Remembers this sweep's suspects and returns those the previous sweep suspected too. They live in
         Redis, since the next sweep may run in another worker."""
         with self.connection.pipeline() as pipe:
-            pipe.smembers(keys.ORPHAN_SUSPECTS)
-            pipe.delete(keys.ORPHAN_SUSPECTS)
+            pipe.smembers(self.suspects_key)
+            pipe.delete(self.suspects_key)
             if suspects:
-                pipe.sadd(keys.ORPHAN_SUSPECTS, *(s.token for s in suspects))
-                pipe.expire(keys.ORPHAN_SUSPECTS, int(self.interval * 3))
+                pipe.sadd(self.suspects_key, *(s.token for s in suspects))
+                pipe.expire(self.suspects_key, int(self.interval * 3))
             previous = {i.decode() for i in pipe.execute()[0]}
         return [s for s in suspects if s.token in previous]
 

@@ -130,6 +130,7 @@ class QueueWorker(BaseWorker):
         )
         self.connection.connection_pool.disconnect()
         self.queue_keys = [keys.queue_keys(q.name) for q in self.queues]
+        self._queue_set = ",".join(q.name for q in self.queue_keys)  # recovery runs once per set of queues
         self.in_flight = InFlightTable(self.settings.worker_concurrency)
         self.schedule = recovery.Schedule()
         self._claim_script = redis_scripts.register(self.connection, "claim")
@@ -282,11 +283,11 @@ class QueueWorker(BaseWorker):
         if self.schedule.due("promote", self.promote_interval):
             self._promote_due()
         if self.schedule.due("recover", self.recover_interval):
-            with recovery.exclusive(self.connection, "recover", self.name) as mine:
+            with recovery.exclusive(self.connection, f"recover:{self._queue_set}", self.name) as mine:
                 if mine:
                     recovery.recover_abandoned(self.connection, self.queue_keys, self._exc_handlers)
         if self.schedule.due("orphans", self.orphan_interval):
-            with recovery.exclusive(self.connection, "orphans", self.name) as mine:
+            with recovery.exclusive(self.connection, f"orphans:{self._queue_set}", self.name) as mine:
                 if mine:
                     self._orphans.run()
         if self.schedule.due("sink-trim", self.sink_trim_interval):

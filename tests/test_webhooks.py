@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,7 +114,7 @@ def stack(make_api, redis_server, model, db):
         pool.stop_all()
 
 
-def callback_state(api, request_id: str, status: str, service: str = "svc") -> dict:
+def callback_state(api, request_id: str, status: str, service: str = "svc", timeout: float = 30) -> dict:
     """The request's sink record once its webhook's delivery state is `status`."""
     found: dict = {}
 
@@ -120,7 +122,7 @@ def callback_state(api, request_id: str, status: str, service: str = "svc") -> d
         found.update(api.state(request_id, service))
         return found.get("callback", {}).get("status") == status
 
-    wait_for(reached, 30, f"request {request_id}'s callback to be {status}")
+    wait_for(reached, timeout, f"request {request_id}'s callback to be {status}")
     return found
 
 
@@ -289,3 +291,39 @@ def test_callback_settings_are_checked_at_start():
     loaded = load_settings({**base, "EAS_QUEUE_CALLBACK_SECRET": SECRET, "EAS_QUEUE_CALLBACK_RETRY_INTERVALS": "2,4"})
     assert loaded.callback_allowed_hosts == ("hooks.example.com:443",)
     assert loaded.callback_retry_intervals == (2.0, 4.0)
+
+
+def test_a_delivery_popped_by_a_worker_that_died_is_delivered(make_api, redis_server, model, receiver, db):
+    """A delivery job is indexed as open, like a request, so the crash sweep of a `webhooks` worker finds it
+    when a worker died between popping it (BLPOP) and claiming it."""
+    options = dict(callback_allowed_hosts=f"127.0.0.1:{receiver.port}", callback_secret=SECRET)
+    env = service_env(redis_server.url, model.url, **options)
+    api = make_api(**options)
+    pool = Workers(env, redis_server.url)
+    pool.start()  # forwarding only, for now
+    queue = f"rq:queue:{keys.WEBHOOKS_QUEUE}"
+    try:
+        request_id = api.submit_ok(headers={"X-Eas-Callback-Url": f"http://127.0.0.1:{receiver.port}/"})
+        index = api.wait_status(request_id, "SUCCESS")["index"]
+        job_id = webhooks.delivery_id(request_id, index)
+        wait_for(lambda: db.lrange(queue, 0, -1) == [job_id.encode()], 15, "the delivery job")
+        assert db.zscore(keys.OPEN_REQUESTS, job_id) is not None
+        popper = subprocess.run(
+            [sys.executable, "-c", f"import os, signal, redis\nprint(redis.Redis(port={redis_server.port}).blpop"
+             f"(['{queue}'], 10), flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert job_id in popper.stdout and popper.returncode == -signal.SIGKILL
+        assert db.llen(queue) == 0
+        webhook_worker = subprocess.Popen(
+            [str(BIN / "rq"), "worker", "-w", "worker.QueueWorker", keys.WEBHOOKS_QUEUE, "--url", redis_server.url],
+            cwd=ROOT, env=env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert callback_state(api, request_id, "delivered", timeout=60)["callback"]["attempts"] == 1
+            assert len(receiver.deliveries()) == 1
+        finally:
+            webhook_worker.terminate()
+            webhook_worker.wait(15)
+    finally:
+        pool.stop_all()
