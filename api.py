@@ -33,6 +33,7 @@ RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
 ID_PARAMETERS = {"request_id", "requestId"}  # requestId: the EAS SDKs' name
 SINK_PARAMETERS = ID_PARAMETERS | {"_timeout_", "_raw_"}
 MAX_WAIT = 60.0  # seconds a client may wait for a request to end (_timeout_)
+RAW_ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
 REDIS_FULL_RETRY_AFTER = 5  # ... and when Redis is past its memory high-water mark
@@ -111,7 +112,8 @@ def answer_when_ended(ctx: ApiContext, request_id: str, wait: int) -> Response:
         state = lifecycle.read_state(ctx.connection, request_id)
         return state if state is not None and state.status.ended else None
 
-    state = ctx.notifier.wait_until(ended, wait, request_id=request_id)
+    with ctx.notifier.client():
+        state = ctx.notifier.wait_until(ended, wait, request_id=request_id)
     response = jsonify(state.record()) if state else Response(request_id, status=202, mimetype="text/plain")
     response.headers[forwarding.REQUEST_ID_HEADER] = request_id
     response.headers["Preference-Applied"] = f"wait={wait}"
@@ -147,7 +149,8 @@ def sink(service: str) -> tuple[Response, int] | Response:
             current = known_state(ctx.connection, service, request_id)
             return current if current.status.ended else None
 
-        state = ctx.notifier.wait_until(ended, wait, request_id=request_id) or state
+        with ctx.notifier.client():
+            state = ctx.notifier.wait_until(ended, wait, request_id=request_id) or state
     if raw:
         return raw_answer(state)
     return jsonify(state.record()), 200 if state.status.ended else 202
@@ -217,10 +220,10 @@ def readyz() -> tuple[Response, int]:
 def check_service(settings: Settings, service: str) -> None:
     if not is_service_name(service):
         raise ApiError(400, "service name must be 1-128 letters, digits, '_', '-' or '.'")
+    check_token(settings, service)  # first: the names of configured services are for token holders only
     lookalike = settings.lookalike_of(service)
     if lookalike:
         raise ApiError(400, f"service name differs from the configured service {lookalike!r} only by case or dots")
-    check_token(settings, service)
     if settings.listed_services_only and service not in settings.services:
         raise ApiError(404, f"unknown service {service!r}")
 
@@ -363,7 +366,12 @@ def raw_answer(state: lifecycle.RequestState) -> tuple[Response, int] | Response
     and no body until it ends; the JSON record for a request that ended otherwise."""
     if state.status == lifecycle.RequestStatus.SUCCESS:
         code, content_type, body = forwarding.decode_answer(state.result)
-        response = Response(body, status=code, content_type=content_type or None)
+        # The model's answer is served from the API's origin (where /rq lives too): never as a page that runs
+        # (a model that echoes its input would let a client plant script), nor with a status that is not an
+        # answer's (a 1xx would confuse a proxy in front).
+        response = Response(body, status=code if 200 <= code < 600 else 502)
+        response.headers["Content-Type"] = content_type or "application/octet-stream"
+        response.headers.update(RAW_ANSWER_HEADERS)
     elif state.status.ended:
         response = jsonify(state.record())
     else:

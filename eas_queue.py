@@ -40,7 +40,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = queueing.connect(settings.redis_url, settings.redis_timeout)
     memory = MemoryWatch(connection, settings.redis_memory_high_water)
-    notifier = EndedNotifier(lambda: queueing.connect(settings.redis_url, settings.redis_timeout))
+    notifier = EndedNotifier(
+        lambda: queueing.connect(settings.redis_url, settings.redis_timeout), settings.max_waiting_clients
+    )
     enqueuer = queueing.Enqueuer(connection, settings)
     app.extensions["eas_queue"] = api.ApiContext(settings, connection, enqueuer, memory, notifier)
     app.register_blueprint(api.bp)

@@ -11,6 +11,7 @@ from rq.exceptions import NoSuchJobError
 from werkzeug.exceptions import HTTPException
 
 import redis_errors
+from notifier import Busy
 
 log = logging.getLogger("eas_queue")
 
@@ -60,9 +61,14 @@ def _json_redirect(response: Response) -> Response:
     return response
 
 
+def _busy(error: Busy) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(error=f"{error}; retry later"), 503, {"Retry-After": "1"}
+
+
 def register_error_handlers(app: Flask) -> None:
     app.after_request(_json_redirect)
     app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(Busy, _busy)
     app.register_error_handler(redis.RedisError, _redis_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(NoSuchJobError, _no_such_job)

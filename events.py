@@ -13,6 +13,9 @@ one subscription (notifier.py), as a long-poll does: it holds no Redis connectio
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -20,20 +23,27 @@ import redis
 from flask import Response, request, stream_with_context
 
 import lifecycle
+import redis_errors
 import sink_log
 from errors import ApiError
 
 if TYPE_CHECKING:
     from api import ApiContext
 
+log = logging.getLogger("eas_queue")
 KEEPALIVE = 15.0  # seconds between comment lines on an idle stream
 BATCH = 100  # entries read from the sink log per round trip
 PARAMETERS = {"_watch_", "_index_"}
 MEDIA_TYPE = "text/event-stream"
 
 
+SINK_INDEX = re.compile(r"[0-9]{1,18}")  # ASCII digits only (str.isdigit takes "²"), below 2**63 for Redis
+RETRY_MS = 5000  # how long a client waits before it reconnects (the `retry:` field), e.g. while Redis is away
+
+
 def wants_events() -> bool:
-    return MEDIA_TYPE in request.headers.get("Accept", "")
+    media_types = (part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(","))
+    return MEDIA_TYPE in media_types
 
 
 def _first_index(connection: redis.Redis, service: str) -> int:
@@ -41,11 +51,15 @@ def _first_index(connection: redis.Redis, service: str) -> int:
     unknown = sorted(set(request.args) - PARAMETERS)
     if unknown:
         raise ApiError(400, f"unknown query parameter {unknown[0]!r} (a stream takes _watch_ and _index_)")
+    if any(len(request.args.getlist(name)) > 1 for name in PARAMETERS):
+        raise ApiError(400, "_watch_ and _index_ may each be given once")
+    if request.args.get("_watch_") not in ("true", "1"):
+        raise ApiError(400, "a stream is asked for with _watch_=true")
     last_seen = request.headers.get("Last-Event-ID", "").strip()
     start = request.args.get("_index_")
     for name, text, offset in (("Last-Event-ID", last_seen, 1), ("_index_", start, 0)):
         if text:
-            if not text.isdigit() or len(text) > 18:
+            if not SINK_INDEX.fullmatch(text):
                 raise ApiError(400, f"{name} must be a sink index (a whole number)")
             return int(text) + offset
     return (sink_log.last_index(connection, service) or 0) + 1
@@ -61,25 +75,50 @@ def _event(connection: redis.Redis, entry: sink_log.SinkEntry) -> str:
 
 
 def stream(ctx: ApiContext, service: str) -> Response:
-    """The event stream for `service` (api.py has checked the token)."""
-    connection, notifier = ctx.connection, ctx.notifier
-    first = _first_index(connection, service)
+    """The event stream for `service` (api.py has checked the token). It counts as one of the process's
+    waiting clients (`max_waiting_clients`; beyond them 503) from now until the response is closed."""
+    first = _first_index(ctx.connection, service)
+    ctx.notifier.admit()
+    response = Response(stream_with_context(_events(ctx, service, first)), mimetype=MEDIA_TYPE)
+    response.call_on_close(ctx.notifier.leave)  # the server closes every response, read or not
+    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no proxy may buffer it
+    return response
 
-    def events() -> Iterator[str]:
-        position = first
-        yield ": eas-queue sink events\n\n"  # sent at once, so the client knows the stream is open
-        while True:
+
+def _events(ctx: ApiContext, service: str, position: int) -> Iterator[str]:
+    connection, notifier = ctx.connection, ctx.notifier
+    yield f"retry: {RETRY_MS}\n: eas-queue sink events\n\n"  # at once, so the client knows it is open
+    failures = 0
+    while True:
+        try:
             entries = notifier.wait_until(
                 lambda start=position: sink_log.read(connection, service, start, BATCH) or None,
                 KEEPALIVE,
                 service=service,
             )
-            if not entries:
-                yield ": keep-alive\n\n"
-                continue
-            for entry in entries:
-                yield _event(connection, entry)
-            position = entries[-1].index + 1
+            with notifier.reading():
+                chunk = "".join(_event(connection, entry) for entry in entries or ())
+            failures = 0
+        except redis.RedisError as error:
+            # Redis away: the stream stays open and keeps its place; it goes on when Redis is back.
+            failures += 1
+            _log_outage(error)
+            time.sleep(redis_errors.backoff(failures))
+            yield ": waiting for Redis\n\n"
+            continue
+        if not entries:
+            yield ": keep-alive\n\n"
+            continue
+        yield chunk
+        position = entries[-1].index + 1
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer a stream
-    return Response(stream_with_context(events()), mimetype=MEDIA_TYPE, headers=headers)
+
+_last_outage_log = 0.0
+
+
+def _log_outage(error: redis.RedisError) -> None:
+    """One line per process every 10 s, not one traceback per stream."""
+    global _last_outage_log
+    if time.monotonic() - _last_outage_log > 10:
+        _last_outage_log = time.monotonic()
+        log.warning("event streams wait for Redis: %s", redis_errors.describe(error))

@@ -8,11 +8,12 @@ thousand blocked Redis connections (Redis's default `maxclients` is 10,000 acros
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import redis
@@ -25,14 +26,55 @@ log = logging.getLogger("eas_queue")
 T = TypeVar("T")
 
 
-class EndedNotifier:
-    """Long-polls wait here: `wait_until(ready, timeout, request_id=... or service=...)`."""
+# Redis reads that waiting clients make at once, of the process's 32 connections (redis_connection.py):
+# when many streams wake together, the rest of the API still finds connections free.
+MAX_READERS = 8
 
-    def __init__(self, connect: Callable[[], redis.Redis]) -> None:
+
+class Busy(Exception):
+    """This process already holds `max_clients` waiting clients."""
+
+
+class EndedNotifier:
+    """Long-polls wait here: `wait_until(ready, timeout, request_id=... or service=...)`, inside `client()`."""
+
+    def __init__(self, connect: Callable[[], redis.Redis], max_clients: int = 500) -> None:
+        # Waiting clients (long-polls, streams, Prefer: wait) this process holds at most: well under
+        # gunicorn's worker_connections (server.py), so submits, the sink and /healthz always get a
+        # connection; beyond it a waiting client gets 503 at once. A probe with 2,000 event streams
+        # otherwise took every connection and /healthz stopped answering.
+        self.max_clients = max_clients
         self._connect = connect
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
         self._listening_pid: int | None = None
+        self._clients = 0
+        self._readers = threading.BoundedSemaphore(MAX_READERS)
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[None]:
+        """A waiting client's whole stay; raises Busy when the process holds `max_clients` already."""
+        self.admit()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def admit(self) -> None:
+        with self._lock:
+            if self._clients >= self.max_clients:
+                raise Busy(f"this server holds {self.max_clients} waiting clients already")
+            self._clients += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._clients -= 1
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Bounds the Redis reads waiting clients make at once (MAX_READERS)."""
+        with self._readers:
+            yield
 
     def wait_until(
         self,
@@ -54,7 +96,8 @@ class EndedNotifier:
             deadline = time.monotonic() + timeout
             while True:
                 # Registered before this check, so an end published between it and the wait still wakes us.
-                value = ready()
+                with self._readers:
+                    value = ready()
                 left = deadline - time.monotonic()
                 if value is not None or left <= 0:
                     return value

@@ -63,6 +63,7 @@ class Settings:
     worker_concurrency: int
     listed_services_only: bool
     log_format: str = "text"  # "text" or "json": the processes' log lines (logs.py)
+    max_waiting_clients: int = 500  # long-polls and streams one API process holds (notifier.py)
     services: dict[str, Service] = field(default_factory=dict)
     # Completion webhooks (webhooks.py, callback_urls.py); empty allowed hosts: callbacks are off.
     callback_allowed_hosts: tuple[str, ...] = ()
@@ -229,6 +230,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "retry_intervals": _intervals,
     "worker_concurrency": _integer(1),
     "log_format": _log_format,
+    "max_waiting_clients": _integer(1),
     "listed_services_only": _boolean,
     "callback_allowed_hosts": _allowed_hosts,
     "callback_secret": _webhook_secret,

@@ -4,11 +4,16 @@ running stack: gunicorn with gevent, QueueWorker processes, the model server."""
 import json
 import socket
 
+import pytest
 import requests
 
-from tests.conftest import AUTH, TOKEN
+from tests.conftest import AUTH, TOKEN, Api, RedisServer, Workers, service_env, wait_for
 
 STREAM_HEADERS = {**AUTH, "Accept": "text/event-stream"}
+
+
+def sink(api, params: dict) -> requests.Response:
+    return requests.get(f"{api.url}/api/predict/svc/sink", params=params, headers=AUTH, timeout=30)
 
 
 class EventStream:
@@ -130,3 +135,73 @@ def test_prefer_wait_answers_the_record_for_a_fast_model_and_202_for_a_slow_one(
     assert api.wait_status(slow.text, "SUCCESS")["status"] == "SUCCESS"
     plain = requests.post(f"{api.url}/api/predict/svc", data=b"{}", headers=AUTH, timeout=30)
     assert plain.status_code == 200 and "Preference-Applied" not in plain.headers
+
+
+def test_waiting_clients_beyond_the_limit_get_503_and_the_api_still_answers(make_api, workers, db):
+    """A probe's 2,000 event streams took every connection of the API and /healthz stopped answering: each
+    process now holds at most `max_waiting_clients` (long-polls, streams, Prefer: wait) and refuses more."""
+    api = make_api(max_waiting_clients=3)  # per gunicorn process; the test API runs 2
+    request_id = api.submit_ok(params={"delay": "30"})  # no worker: it stays PENDING
+    held, refused = [], None
+    for _ in range(7):  # 2 processes x 3: the 7th at the latest finds its process full
+        stream = EventStream(api)
+        if stream.response.status_code != 200:
+            refused = stream.response
+            break
+        held.append(stream)
+    assert refused is not None and refused.status_code == 503 and len(held) <= 6
+    assert "waiting clients" in refused.json()["error"] and refused.headers["Retry-After"] == "1"
+    assert requests.get(api.url + "/healthz", timeout=5).status_code == 200
+    assert api.submit().status_code == 200  # submits are not waiting clients
+    for stream in held:
+        stream.close()
+    wait_for(lambda: sink(api, {"request_id": request_id, "_timeout_": "0.1"}).status_code == 202, 10, "a place")
+
+
+def test_a_stream_survives_a_redis_restart(tmp_path, model):
+    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
+    env = service_env(server.url, model.url)
+    api = Api(env)
+    pool = Workers(env, server.url)
+    try:
+        pool.start()
+        stream = EventStream(api)
+        before = api.submit_ok()
+        assert stream.next_event()["data"]["request_id"] == before
+        server.kill()
+        assert ": waiting for Redis" in next(line for line in stream.lines if "Redis" in line)
+        server = RedisServer(server.directory, appendfsync="always", port=server.port).start()
+        after = api.submit_ok()
+        assert stream.next_event()["data"]["request_id"] == after  # the same stream goes on
+        stream.close()
+    finally:
+        pool.stop_all()
+        api.stop()
+        server.kill()
+
+
+@pytest.mark.parametrize(
+    "params, headers",
+    [
+        ({"_watch_": "false"}, {}),
+        ({"_watch_": "true", "_index_": ["1", "abc"]}, {}),
+        ({"_watch_": "true", "_index_": "\u00b2"}, {}),
+        ({"_watch_": "true", "_index_": "\u0661\u0662"}, {}),
+        ({"_watch_": "true", "_index_": "1" * 20}, {}),
+        ({"_watch_": "true"}, {"Last-Event-ID": "\u00b2".encode().decode("latin-1")}),
+        ({"_watch_": "true"}, {"Accept": "text/event-streamXXX"}),
+    ],
+)
+def test_loose_stream_parameters_are_refused(api, db, params, headers):
+    answer = requests.get(
+        f"{api.url}/api/predict/svc/sink", params=params, headers={**STREAM_HEADERS, **headers}, timeout=10
+    )
+    assert answer.status_code == 400, (params, headers)
+    assert "error" in answer.json()
+
+
+def test_configured_service_names_are_not_told_to_clients_without_a_token(make_api, db):
+    api = make_api(toml='[services.private]\ntokens = ["private-token"]\n')
+    answer = requests.get(f"{api.url}/api/predict/PRIVATE/sink", timeout=10)
+    assert answer.status_code == 401
+    assert "private" not in answer.text.lower()

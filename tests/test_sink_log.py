@@ -135,3 +135,17 @@ def test_raw_answers_with_the_models_own_status_type_and_body(api, workers, db, 
 
 def test_the_sink_log_is_keyed_per_service(db):
     assert keys.sink_log_key("svc") == "eas:sink:svc"
+
+
+def test_a_raw_answer_never_runs_as_a_page_on_the_apis_origin(api, workers, db):
+    """A probe had the model answer text/html (or no type, which Flask serves as text/html) and `_raw_=true`
+    served it as a live page on the origin of /rq. Now it is sandboxed and never sniffed."""
+    page = api.submit_ok(params={"answer": "<script>document.title='x'</script>", "content_type": "text/html"})
+    untyped = api.submit_ok(params={"echo": "1"}, body=b"<script>1</script>", headers={"Content-Type": ""})
+    workers.start()
+    for request_id in (page, untyped):
+        api.wait_status(request_id, "SUCCESS")
+        answer = sink(api, {"request_id": request_id, "_raw_": "true"})
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert sink(api, {"request_id": untyped, "_raw_": "true"}).headers["Content-Type"] == "application/octet-stream"
