@@ -13,7 +13,13 @@ which Python resolves: neither touches the other's names while being imported).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 import re
+import time
+import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -22,6 +28,11 @@ from flask import Blueprint, Response, jsonify, request
 from flask_sock import Sock
 from rq.worker_registration import REDIS_WORKER_KEYS
 from simple_websocket import ConnectionClosed, Server
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WsRequest
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 
 import api
 import eas_protocol
@@ -29,23 +40,30 @@ import forwarding
 import keys
 import lifecycle
 import queueing
+import redis_errors
 import sink_log
 from errors import ApiError
 
+log = logging.getLogger("eas_queue")
 bp = Blueprint("eas", __name__)
 sock = Sock()
 
 MAX_LENGTH = 100  # frames one get answers at most (`_length_`)
 MAX_WINDOW = 1000  # frames a watch may hold uncommitted (`_window_`)
 LONG_POLL_MARGIN = 0.5  # a long-poll answers this much before `_timeout_` (see wait_for)
-WATCH_CHECK = 1.0  # seconds between a watch's checks that its client is there and what it committed
+WATCH_IDLE = 15.0  # seconds a watch waits for an end before it looks whether its client is still there
+WATCH_CHECK = 1.0  # seconds between a full window's checks for commits (they come by PUT, not on the socket)
 SCAN_CHUNK = 1000  # job hashes read per round trip when counting a service's waiting requests
 SCAN_LIMIT = 10_000  # most requests read per queue to count a service's waiting ones
 
 GET_PARAMETERS = {"_index_", "_length_", "_timeout_", "_raw_", "_auto_delete_", "requestId"}
 WATCH_PARAMETERS = {"_watch_", "_index_", "_window_", "_index_only_", "_auto_commit_"}
 _FRAME_TRIGGERS = ("_index_", "_length_", "_auto_delete_")
-_MODEL_CODE = re.compile(r"the model answered HTTP (\d{3})")
+_MODEL_CODE = re.compile(r"the model answered HTTP ([0-9]{3})")
+# A sink index or a count: ASCII digits only (str.isdigit() takes '²', which int() refuses, and int() takes
+# '١٢'), and at most 18 of them, so that an index stays below 2**64 and Redis never sees an invalid stream id.
+_NUMBER = re.compile(r"[0-9]{1,18}")
+WEBSOCKET_VERSION = "13"
 _NO_INPUT_INDEXES = (
     "the input queue has no indexes: a put answers the request id, not an index; read a request at "
     "/api/predict/<service>/sink?requestId=<id>, cancel it with DELETE there"
@@ -93,17 +111,17 @@ def _integer(name: str, default: int, minimum: int, maximum: int | None = None) 
     text = api.single_parameter(name)
     if text is None:
         return default
-    if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
+    value = int(text) if _NUMBER.fullmatch(text) else -1
+    if value < minimum or (maximum is not None and value > maximum):
         bounds = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
-        raise ApiError(400, f"{name} must be a whole number {bounds}")
-    return int(text)
+        raise ApiError(400, f"{name} must be a whole number {bounds} (ASCII digits, at most 18)")
+    return value
 
 
 def _indexes() -> list[int]:
-    text = api.single_parameter("_indexes_")
-    parts = (text or "").split(",")
-    if not text or not all(p.strip().isdigit() for p in parts):
-        raise ApiError(400, "_indexes_ must be sink indexes separated by commas, e.g. _indexes_=3,4")
+    parts = [p.strip() for p in (api.single_parameter("_indexes_") or "").split(",")]
+    if not all(_NUMBER.fullmatch(p) for p in parts):
+        raise ApiError(400, "_indexes_ must be sink indexes (ASCII digits, at most 18) separated by commas, e.g. 3,4")
     return [int(p) for p in parts]
 
 
@@ -385,9 +403,52 @@ def _watch_parameters() -> WatchParameters:
 
 @bp.before_request
 def _check_watch() -> None:
-    """Token and parameters are checked before the WebSocket handshake, so a refusal is a plain JSON 4xx."""
+    """Everything that can refuse a watch is checked before the WebSocket handshake, so that a refusal is a
+    plain JSON 4xx (or 503): token, parameters, the handshake's headers, and that Redis answers (a client
+    that reconnects during an outage, as the SDK's watcher does at once, gets a 503 and waits, instead of a
+    handshake and a close in a tight loop)."""
     api.check_service(api.context().settings, request.view_args["service"])
-    _watch_parameters()
+    params = _watch_parameters()
+    _check_handshake(request.environ)
+    sink_log.read(api.context().connection, request.view_args["service"], params.index, 1)
+
+
+def _check_handshake(environ: Mapping[str, Any]) -> None:
+    """400 (426 for another version) for an upgrade that simple_websocket's handshake would fail on: it
+    raises from inside flask-sock's view, which would answer a 500 with a traceback."""
+    version = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
+    if version != WEBSOCKET_VERSION:
+        code = 426 if version else 400
+        headers = {"Sec-WebSocket-Version": WEBSOCKET_VERSION}
+        raise ApiError(code, f"a WebSocket here needs Sec-WebSocket-Version: {WEBSOCKET_VERSION}", headers)
+    try:
+        key_ok = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        key_ok = False
+    if not key_ok:
+        raise ApiError(400, "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455)")
+    problem = _handshake_problem(environ)
+    if problem:
+        raise ApiError(400, f"WebSocket handshake refused: {problem}")
+
+
+def _handshake_problem(environ: Mapping[str, Any]) -> str | None:
+    """Runs the handshake simple_websocket.Server will run (the same bytes, built from the environ as it
+    builds them, and the same extension offer) on a throwaway connection; what fails, or None."""
+    connection = WSConnection(ConnectionType.SERVER)
+    try:
+        lines = [b"GET / HTTP/1.1\r\n"]
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                lines.append(f"{'-'.join(p.capitalize() for p in key[5:].split('_'))}: {value}\r\n".encode())
+        connection.receive_data(b"".join(lines) + b"\r\n")
+        for event in connection.events():
+            if isinstance(event, WsRequest):
+                connection.send(AcceptConnection(extensions=[PerMessageDeflate()]))
+                return None
+    except Exception as error:  # wsproto's protocol errors, and ValueError from a bad extension offer
+        return str(error) or type(error).__name__
+    return "incomplete upgrade request"
 
 
 @sock.route("/api/predict/<service>/sink", bp=bp)
@@ -399,7 +460,9 @@ def watch(ws: Server, service: str) -> None:
 
 
 class Watch:
-    """One watching client."""
+    """One watching client. Once the handshake is done, nothing may escape `run`: flask-sock would hand an
+    exception to Flask, whose error answer (HTTP bytes) would go into the open WebSocket while
+    simple_websocket's reader still holds the socket. Every failure ends as a close frame instead."""
 
     def __init__(self, ctx: api.ApiContext, service: str, params: WatchParameters, ws: Server) -> None:
         self.ctx, self.service, self.params, self.ws = ctx, service, params, ws
@@ -408,23 +471,55 @@ class Watch:
 
     def run(self) -> None:
         try:
-            while self.ws.connected:
-                room = self.params.window - len(self._still_held())
-                if room <= 0:
-                    self.ws.receive(timeout=WATCH_CHECK)  # wait for commits; notices a close at once
-                    continue
-                self._send(self._next_entries(room))
-        except ConnectionClosed:
+            self._serve()
+        except (ConnectionClosed, OSError):  # the client went away (redis-py raises its own errors, not OSError)
             pass
+        except redis.RedisError as error:
+            log.warning("watch of %s closed (1013): %s", self.service, redis_errors.describe(error))
+            self._close(CloseReason.TRY_AGAIN_LATER, "Redis unavailable; retry later")
+        except Exception as error:  # one line per watcher, not a traceback each: where it failed is enough
+            where = traceback.extract_tb(error.__traceback__)[-1]
+            log.error(
+                "watch of %s closed (1011): %s: %s at %s:%s",
+                self.service,
+                type(error).__name__,
+                error,
+                where.filename,
+                where.lineno,
+            )
+            self._close(CloseReason.INTERNAL_ERROR, "internal error")
+
+    def _serve(self) -> None:
+        while self.ws.connected:
+            room = self.params.window - len(self._still_held())
+            if room <= 0:
+                self.ws.receive(timeout=WATCH_CHECK)  # wait for commits; notices a close at once
+                continue
+            self._send(self._next_entries(room))
+
+    def _close(self, code: int, reason: str) -> None:
+        try:
+            self.ws.close(code, reason)
+        except (ConnectionClosed, OSError):
+            pass  # the client has gone already
 
     def _next_entries(self, count: int) -> list[sink_log.SinkEntry]:
+        """The next entries, waiting up to WATCH_IDLE for one. Redis is read when the wait begins (the
+        notifier has registered us by then, so nothing that ends later is missed) and each time a request
+        of the service ends; not when the wait merely runs out, since the next wait begins with a read: an
+        idle watcher costs one read per WATCH_IDLE."""
         connection = self.ctx.connection
-        entries = self.ctx.notifier.wait_until(
-            lambda: sink_log.read(connection, self.service, self.next_index, count) or None,
-            WATCH_CHECK,
-            service=self.service,
-        )
-        return entries or []
+        deadline = time.monotonic() + WATCH_IDLE
+        first = True
+
+        def ready() -> list[sink_log.SinkEntry] | None:
+            nonlocal first
+            if not first and time.monotonic() >= deadline:
+                return None
+            first = False
+            return sink_log.read(connection, self.service, self.next_index, count) or None
+
+        return self.ctx.notifier.wait_until(ready, WATCH_IDLE, service=self.service) or []
 
     def _send(self, entries: list[sink_log.SinkEntry]) -> None:
         sent: list[int] = []
