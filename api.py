@@ -120,7 +120,7 @@ def answer_when_ended(ctx: ApiContext, request_id: str, wait: int) -> Response:
     return response
 
 
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([0-9]{1,6})\"?", re.IGNORECASE)
 
 
 def preferred_wait() -> int:
@@ -344,7 +344,7 @@ def sink_request_id(allowed: set[str]) -> str:
     return request_id
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)?")
+_DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m)?")  # ASCII digits: "١٢" is not a number here
 
 
 def wait_parameter() -> float:

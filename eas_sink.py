@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import redis
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from flask_sock import Sock
 from rq.worker_registration import REDIS_WORKER_KEYS
 from simple_websocket import ConnectionClosed, Server
@@ -411,6 +411,14 @@ def _check_watch() -> None:
     params = _watch_parameters()
     _check_handshake(request.environ)
     sink_log.read(api.context().connection, request.view_args["service"], params.index, 1)
+    api.context().notifier.admit()  # a watch is one of the process's waiting clients (503 beyond them)
+    g.watch_admitted = True
+
+
+@bp.teardown_request
+def _release_watch(_: BaseException | None) -> None:
+    if g.pop("watch_admitted", False):
+        api.context().notifier.leave()
 
 
 def _check_handshake(environ: Mapping[str, Any]) -> None:

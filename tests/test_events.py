@@ -205,3 +205,27 @@ def test_configured_service_names_are_not_told_to_clients_without_a_token(make_a
     answer = requests.get(f"{api.url}/api/predict/PRIVATE/sink", timeout=10)
     assert answer.status_code == 401
     assert "private" not in answer.text.lower()
+
+
+def test_websocket_watches_count_as_waiting_clients(make_api, db):
+    import websocket  # websocket-client, as the eas-prediction SDK's watch uses it
+
+    api = make_api(max_waiting_clients=1)  # per process; the test API runs 2
+    url = f"ws://127.0.0.1:{api.port}/api/predict/svc/sink?_watch_=true&_window_=1"
+    held, refused = [], None
+    for _ in range(3):
+        try:
+            held.append(websocket.create_connection(url, header=[f"Authorization: {TOKEN}"], timeout=10))
+        except websocket.WebSocketBadStatusException as error:
+            refused = error
+            break
+    assert refused is not None and refused.status_code == 503 and len(held) <= 2
+    for connection in held:
+        connection.close()
+
+    def admitted() -> bool:
+        stream = EventStream(api)
+        stream.close()
+        return stream.response.status_code == 200
+
+    wait_for(admitted, 20, "the watches' places to be given back")

@@ -88,7 +88,7 @@ def test_a_long_poll_that_runs_out_answers_202(api, workers, db):
 
 def test_bad_waits_are_refused(api, db):
     request_id = api.submit_ok()
-    for bad in ("61", "5h", "-1", "soon", "1e3"):
+    for bad in ("61", "5h", "-1", "soon", "1e3", "\u0661\u0662"):
         answer = sink(api, {"request_id": request_id, "_timeout_": bad})
         assert answer.status_code == 400, bad
         assert "_timeout_" in answer.json()["error"]
