@@ -75,9 +75,10 @@ def submit(service: str, subpath: str = "") -> Response:
     if subpath == "sink":
         raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
     wait = preferred_wait()
+    if wait:  # the waiting client's place is taken first: a full server refuses before queuing anything
+        with ctx.notifier.client():
+            return answer_when_ended(ctx, enqueue(ctx, submission_from_request(ctx.settings, service, subpath)), wait)
     request_id = enqueue(ctx, submission_from_request(ctx.settings, service, subpath))
-    if wait:
-        return answer_when_ended(ctx, request_id, wait)
     response = Response(request_id, status=200, mimetype="text/plain")
     response.headers[forwarding.REQUEST_ID_HEADER] = request_id
     return response
@@ -106,14 +107,13 @@ def enqueue(ctx: ApiContext, submission: queueing.Submission) -> str:
 
 def answer_when_ended(ctx: ApiContext, request_id: str, wait: int) -> Response:
     """`Prefer: wait=<n>`: 200 with the sink record if the request ends within n seconds, else 202 with its
-    id, as a submit answers without the header."""
+    id, as a submit answers without the header. The caller holds a waiting client's place."""
 
     def ended() -> lifecycle.RequestState | None:
         state = lifecycle.read_state(ctx.connection, request_id)
         return state if state is not None and state.status.ended else None
 
-    with ctx.notifier.client():
-        state = ctx.notifier.wait_until(ended, wait, request_id=request_id)
+    state = ctx.notifier.wait_until(ended, wait, request_id=request_id)
     response = jsonify(state.record()) if state else Response(request_id, status=202, mimetype="text/plain")
     response.headers[forwarding.REQUEST_ID_HEADER] = request_id
     response.headers["Preference-Applied"] = f"wait={wait}"
@@ -141,7 +141,7 @@ def sink(service: str) -> tuple[Response, int] | Response:
     if eas_sink.handles_sink_get():  # the EAS SDK's get, attributes, count
         return eas_sink.sink_get(ctx, service)
     request_id = sink_request_id(SINK_PARAMETERS)
-    wait, raw = wait_parameter(), single_parameter("_raw_") in ("true", "1")
+    wait, raw = wait_parameter(), flag_parameter("_raw_")
     state = known_state(ctx.connection, service, request_id)
     if wait and not state.status.ended:
         # A long-poll: answered the moment the request ends (notifier.py), or when the wait is over.
@@ -345,6 +345,14 @@ def sink_request_id(allowed: set[str]) -> str:
 
 
 _DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m)?")  # ASCII digits: "١٢" is not a number here
+
+
+def flag_parameter(name: str) -> bool:
+    """A true/false parameter: `true`/`1` or `false`/`0` (absent: false); anything else is a 400."""
+    text = single_parameter(name)
+    if text not in (None, "true", "1", "false", "0"):
+        raise ApiError(400, f"{name} must be true or false")
+    return text in ("true", "1")
 
 
 def wait_parameter() -> float:

@@ -24,10 +24,10 @@ class MemoryWatch:
 
     def fraction_used(self) -> float:
         if time.monotonic() - self._read_at >= self.interval:
+            self._read_at = time.monotonic()  # first: clients arriving during the round trip use the last figure
             info = self.connection.info("memory")
             limit = int(info.get("maxmemory") or 0)
             self._used = int(info["used_memory"]) / limit if limit else 0.0
-            self._read_at = time.monotonic()
         return self._used
 
     def over_high_water(self) -> float | None:

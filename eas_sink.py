@@ -224,11 +224,12 @@ def get_frames(ctx: api.ApiContext, service: str) -> Response:
     if params.request_id is not None:
         frames = _frame_of_request(ctx, service, params)
     else:
-        entries = ctx.notifier.wait_until(
-            lambda: sink_log.read(ctx.connection, service, params.index, params.length) or None,
-            wait_for(params.wait),
-            service=service,
-        )
+        with ctx.notifier.client():
+            entries = ctx.notifier.wait_until(
+                lambda: sink_log.read(ctx.connection, service, params.index, params.length) or None,
+                wait_for(params.wait),
+                service=service,
+            )
         frames = frames_for(ctx.connection, entries or [])
     if params.auto_delete and frames:
         sink_log.delete(ctx.connection, service, [f.index for f in frames if f.index])
@@ -247,7 +248,8 @@ def _frame_of_request(ctx: api.ApiContext, service: str, params: GetParameters) 
             current = api.known_state(ctx.connection, service, request_id)
             return current if current.status.ended else None
 
-        state = ctx.notifier.wait_until(ended, wait_for(params.wait), request_id=request_id) or state
+        with ctx.notifier.client():
+            state = ctx.notifier.wait_until(ended, wait_for(params.wait), request_id=request_id) or state
     if not state.status.ended:
         return []
     return [frame_for(state.sink_index or 0, state.status, request_id, state, True)]
@@ -411,14 +413,14 @@ def _check_watch() -> None:
     params = _watch_parameters()
     _check_handshake(request.environ)
     sink_log.read(api.context().connection, request.view_args["service"], params.index, 1)
-    api.context().notifier.admit()  # a watch is one of the process's waiting clients (503 beyond them)
-    g.watch_admitted = True
+    g.watch_release = api.context().notifier.admit()  # a watch is one of the waiting clients (503 beyond)
 
 
 @bp.teardown_request
 def _release_watch(_: BaseException | None) -> None:
-    if g.pop("watch_admitted", False):
-        api.context().notifier.leave()
+    release = g.pop("watch_release", None)
+    if release is not None:
+        release()
 
 
 def _check_handshake(environ: Mapping[str, Any]) -> None:

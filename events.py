@@ -78,9 +78,9 @@ def stream(ctx: ApiContext, service: str) -> Response:
     """The event stream for `service` (api.py has checked the token). It counts as one of the process's
     waiting clients (`max_waiting_clients`; beyond them 503) from now until the response is closed."""
     first = _first_index(ctx.connection, service)
-    ctx.notifier.admit()
+    release = ctx.notifier.admit()
     response = Response(stream_with_context(_events(ctx, service, first)), mimetype=MEDIA_TYPE)
-    response.call_on_close(ctx.notifier.leave)  # the server closes every response, read or not
+    response.call_on_close(release)  # the server closes every response, read or not
     response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no proxy may buffer it
     return response
 

@@ -54,21 +54,28 @@ class EndedNotifier:
     @contextlib.contextmanager
     def client(self) -> Iterator[None]:
         """A waiting client's whole stay; raises Busy when the process holds `max_clients` already."""
-        self.admit()
+        release = self.admit()
         try:
             yield
         finally:
-            self.leave()
+            release()
 
-    def admit(self) -> None:
+    def admit(self) -> Callable[[], None]:
+        """Takes a place for a waiting client (Busy when none is left); returns its release, which gives the
+        place back once however often it is called (a response may be closed twice)."""
         with self._lock:
             if self._clients >= self.max_clients:
                 raise Busy(f"this server holds {self.max_clients} waiting clients already")
             self._clients += 1
+        released = threading.Event()
 
-    def leave(self) -> None:
-        with self._lock:
-            self._clients -= 1
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self._clients -= 1
+
+        return release
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -149,22 +156,29 @@ class EndedNotifier:
     def _subscribe_for_ever(self) -> None:
         failures = 0
         while True:
-            pubsub = self._connect().pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(keys.ENDED_CHANNEL)
-                self._wake()  # ends published while no subscription was open: let every client look again
-                failures = 0
-                while True:
-                    self._relay(pubsub.get_message(timeout=1.0))
-            except redis.RedisError as error:
+                self._subscribe()
+            except Exception as error:  # the thread must outlive anything: waiting clients depend on it
                 failures += 1
-                log.warning("notifications of ended requests paused: %s", redis_errors.describe(error))
+                if isinstance(error, redis.RedisError):
+                    log.warning("notifications of ended requests paused: %s", redis_errors.describe(error))
+                else:
+                    log.exception("notifications of ended requests paused")
                 time.sleep(redis_errors.backoff(failures))
-            finally:
-                pubsub.close()
+
+    def _subscribe(self) -> None:
+        """Relays notifications until the subscription fails (then raises)."""
+        pubsub = self._connect().pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.ENDED_CHANNEL)
+            self._wake()  # ends published while no subscription was open: let every client look again
+            while True:
+                self._relay(pubsub.get_message(timeout=1.0))
+        finally:
+            pubsub.close()
 
     def _relay(self, message: dict | None) -> None:
         """`<service> <index> <request id>`, as lua/*.lua publish it."""
         if message is not None:
-            service, _, rest = message["data"].decode().partition(" ")
+            service, _, rest = message["data"].decode("utf-8", "replace").partition(" ")
             self._wake([f"request:{rest.partition(' ')[2]}", f"service:{service}"])

@@ -55,14 +55,16 @@ class Schedule:
 
 @contextlib.contextmanager
 def exclusive(connection: redis.Redis, task: str, holder: str) -> Iterator[bool]:
-    """One worker at a time runs `task`; yields whether this one holds the lock."""
-    key = keys.LOCK_PREFIX + task
-    mine = bool(connection.set(key, holder, nx=True, ex=60))
+    """One worker at a time runs `task`; yields whether this one holds the lock. redis-py's Lock releases
+    only a lock it still holds (a task that outlived the lock's 60 s never frees another worker's)."""
+    lock = connection.lock(keys.LOCK_PREFIX + task, timeout=60)
+    mine = bool(lock.acquire(blocking=False, token=holder))
     try:
         yield mine
     finally:
         if mine:
-            connection.delete(key)
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
 
 
 class RetryPromoter:

@@ -151,6 +151,23 @@ def test_waiting_clients_beyond_the_limit_get_503_and_the_api_still_answers(make
         held.append(stream)
     assert refused is not None and refused.status_code == 503 and len(held) <= 6
     assert "waiting clients" in refused.json()["error"] and refused.headers["Retry-After"] == "1"
+    # Whichever process is full refuses every kind of waiting client before doing anything else: a
+    # `Prefer: wait` submit queues nothing, an EAS SDK long-poll gets no frames.
+    queued = db.llen("rq:queue:default")
+    waiting = [
+        lambda: requests.post(
+            f"{api.url}/api/predict/svc", data=b"{}", headers={**AUTH, "Prefer": "wait=1"}, timeout=30
+        ),
+        lambda: sink(api, {"_index_": "0", "_length_": "1", "_timeout_": "1s", "_raw_": "false"}),
+    ]
+    for attempt in waiting:
+        for _ in range(8):
+            answer = attempt()
+            if answer.status_code == 503:
+                break
+            queued = db.llen("rq:queue:default")
+        assert answer.status_code == 503, answer.text
+        assert db.llen("rq:queue:default") == queued  # the refused submit queued nothing
     assert requests.get(api.url + "/healthz", timeout=5).status_code == 200
     assert api.submit().status_code == 200  # submits are not waiting clients
     for stream in held:

@@ -92,6 +92,9 @@ def test_bad_waits_are_refused(api, db):
         answer = sink(api, {"request_id": request_id, "_timeout_": bad})
         assert answer.status_code == 400, bad
         assert "_timeout_" in answer.json()["error"]
+    for bad in ("yes", "TRUE", "2"):
+        answer = sink(api, {"request_id": request_id, "_raw_": bad})
+        assert answer.status_code == 400 and "_raw_" in answer.json()["error"]
     for method in (requests.delete,):  # cancel takes no waiting
         answer = method(
             f"{api.url}/api/predict/svc/sink", params={"request_id": request_id, "_timeout_": "1"}, headers=AUTH
@@ -149,3 +152,13 @@ def test_a_raw_answer_never_runs_as_a_page_on_the_apis_origin(api, workers, db):
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
         assert answer.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
     assert sink(api, {"request_id": untyped, "_raw_": "true"}).headers["Content-Type"] == "application/octet-stream"
+
+
+def test_a_garbled_notification_does_not_stop_the_waking_of_clients(api, workers, db):
+    """The subscriber thread of each API process must outlive anything published on eas:ended."""
+    for _ in range(4):  # each API process gets them
+        db.publish("eas:ended", b"\xff\xfe not a notification")
+    request_id = api.submit_ok(params={"delay": "1"})
+    workers.start()
+    answer = sink(api, {"request_id": request_id, "_timeout_": "20"})
+    assert answer.status_code == 200 and answer.json()["status"] == "SUCCESS"

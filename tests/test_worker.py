@@ -114,3 +114,16 @@ def test_a_stopped_request_leaves_the_open_index(db, redis_server, model, settin
     sweep.run()
     assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
     assert plain.poll() is None  # the plain worker lives on after stopping the job
+
+
+def test_a_recovery_lock_that_expired_is_never_freed_for_another_worker(db):
+    """A task that outlived its lock (60 s) must not delete the lock another worker has taken since."""
+    import recovery
+
+    with recovery.exclusive(db, "test-task", "worker-a") as mine:
+        assert mine
+        db.delete("eas:lock:test-task")  # as if it expired
+        with recovery.exclusive(db, "test-task", "worker-b") as theirs:
+            assert theirs
+        db.set("eas:lock:test-task", "worker-c")  # taken by a third worker meanwhile
+    assert db.get("eas:lock:test-task") == b"worker-c"  # worker-a's release left it alone
