@@ -1,9 +1,11 @@
 """The eas-queue API: accept prediction requests into RQ queues and report their outcome.
 
-POST /api/predict/<service>[/<subpath>]      enqueue; answers at once with the request id
-GET  /api/predict/<service>/sink?request_id  status and the model's answer
-DELETE the same                              cancel a request that has not started
-GET  /healthz                                200 when Redis answers, 503 otherwise
+POST /api/predict/<service>[/<subpath>]      enqueue; answers at once with the request id (api.py)
+GET  /api/predict/<service>/sink?request_id  status and the model's answer; long-polls, _raw_ (api.py)
+DELETE the same                              cancel a request that has not started (api.py)
+     the sink with EAS's parameters           the EAS SDK's calls and its WebSocket watch (eas_sink.py)
+GET  .../sink?_watch_=true (event-stream)    Server-Sent Events (events.py)
+GET  /healthz, /readyz, /metrics             liveness, readiness, Prometheus (api.py, metrics.py)
 /rq                                          rq-dashboard, behind HTTP Basic auth (password: a token)
 
 `eas_queue:app` is the WSGI app for gunicorn (made on first use, from the process's settings);

@@ -5,7 +5,8 @@
 Why gevent: a sync worker is held by one connection for as long as its client takes to send its request,
 so four clients trickling a header byte a second stopped the whole API (and then got its workers killed).
 Under gevent each connection holds only its own greenlet; a worker serves up to `worker_connections` at a
-time and a waiting client costs a few KB, which the sink's coming long-poll, WebSocket and SSE need too.
+time and a waiting client costs a few KB, which the sink's long-polls, WebSocket watches and event streams
+need too.
 
 Why the patching is here: gunicorn reads this module in the master before it imports the app
 (`preload_app`), so `monkey.patch_all()` at the top makes every later import cooperative: redis-py's socket

@@ -4,10 +4,10 @@ A Redis Stream per service, `eas:sink:<service>`, whose entry ids are `0-<index>
 per ended request (SUCCESS, FAILURE, EXPIRED or CANCELED), so EAS's sink-queue indexes map onto stream ids
 directly. An entry is appended in the same atomic step that records the outcome (lua/record_outcomes.lua,
 lua/claim.lua for an expiry, lua/sink_append.lua for a cancel), and each append is published on
-`eas:ended` for waiting clients (notifier.py). This is what the EAS SDK's `get`/`watch` read, and what
-Server-Sent Events and webhooks will read. Removing an entry (commit, delete, truncate) does not delete the
-request: the JSON sink answers for it until `result_ttl`. Entries older than `result_ttl` are trimmed by
-the workers' upkeep (recovery.py).
+`eas:ended` for waiting clients (notifier.py). This is what the EAS SDK's `get`/`watch` and Server-Sent
+Events (events.py) read; webhooks have their own outbox, written in the same step (callbacks.py).
+Removing an entry (commit, delete, truncate) does not delete the request: the JSON sink answers for it
+until `result_ttl`. Entries older than `result_ttl` are trimmed by the workers' upkeep (worker.py).
 
 Under plain `rq worker`, RQ records outcomes itself and nothing is appended: the sink log needs QueueWorker.
 """
