@@ -26,10 +26,10 @@ from rq.queue import Queue
 import keys
 import recovery
 import webhooks
+from queueing import JOB_TIMEOUT_MARGIN  # beyond callback_timeout: RQ's hard kill
 from settings import Settings
 
 BATCH = 100  # outbox entries turned into jobs per dispatch
-JOB_TIMEOUT_MARGIN = 30  # seconds beyond callback_timeout for RQ's job timeout (plain `rq worker` only)
 log = logging.getLogger(__name__)
 
 

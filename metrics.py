@@ -48,7 +48,6 @@ SERVICE_ENVIRON = "eas_queue.service"  # set by api.submit once the service and 
 STARTED_ENVIRON = "eas_queue.started"
 FORWARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BUCKET_LABELS = (*(floatToGoString(b) for b in FORWARD_BUCKETS), "+Inf")
-WEBHOOK_QUEUE = "webhooks"  # the webhooks' deliveries, an RQ queue of their own
 OLDEST_SAMPLE = 100  # requests at a queue's head read for the oldest (retries go to the front)
 SUBMIT_ENDPOINT = "api.submit"
 
@@ -173,7 +172,7 @@ class RedisCollector:
             for name in keys.QUEUE_NAMES:
                 q = keys.queue_keys(name)
                 pipe.llen(q.queue).zcard(q.started).zcard(q.scheduled).lrange(q.queue, 0, OLDEST_SAMPLE - 1)
-            w = keys.queue_keys(WEBHOOK_QUEUE)
+            w = keys.queue_keys(keys.WEBHOOKS_QUEUE)
             pipe.llen(w.queue).zcard(w.started).zcard(w.scheduled)
             pipe.zcount(w.finished, live_from, "+inf").zcount(w.failed, live_from, "+inf")
             pipe.smembers(REDIS_WORKER_KEYS)

@@ -114,12 +114,6 @@ class EndedNotifier:
             WAITING_CLIENTS.dec()
             self._unregister(topics, event)
 
-    @property
-    def waiting(self) -> int:
-        """How many clients wait now (for metrics and the bench)."""
-        with self._lock:
-            return len({event for events in self._waiters.values() for event in events})
-
     def _register(self, topics: list[str], event: threading.Event) -> None:
         with self._lock:
             for topic in topics:

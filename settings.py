@@ -8,6 +8,7 @@ TARGET_API_BASE_URL). Validated once, so a typo stops a process at start instead
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import re
@@ -98,8 +99,12 @@ class Settings:
         name would reach the same model without that service's own tokens."""
         if service in self.services or not self.services:
             return None
-        folded = _fold(service)
-        return next((name for name in self.services if _fold(name) == folded), None)
+        return self._folded_services.get(_fold(service))
+
+    @functools.cached_property
+    def _folded_services(self) -> dict[str, str]:
+        """Configured names by their folded form, worked out once (lookalike_of runs on every request)."""
+        return {_fold(name): name for name in self.services}
 
     def tokens_for(self, service: str) -> tuple[str, ...]:
         """Tokens accepted for `service`: its own list if it has one, else the global list."""
