@@ -8,7 +8,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue
 
 import keys
-import metrics
 from tests.conftest import AUTH, wait_for
 
 SCRAPES = 8  # enough that both gunicorn workers answer some
@@ -48,7 +47,7 @@ def test_metrics_count_submits_outcomes_attempts_and_backlog_exactly(make_api, w
     assert api.submit("alpha", headers={"Authorization": "wrong-token"}).status_code == 403
     assert api.submit("alpha", params={"_priority_": "2"}).status_code == 400
     assert api.submit("alpha", params={"_priorty_": "1"}).status_code == 400
-    webhooks = Queue(metrics.WEBHOOK_QUEUE, connection=db)
+    webhooks = Queue(keys.WEBHOOKS_QUEUE, connection=db)
     webhooks.enqueue("os.getpid")
     webhooks.enqueue("os.getpid")
 
