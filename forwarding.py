@@ -352,18 +352,33 @@ def send(
         content, over = _read_capped(response, max_result_bytes)
         complete = not over
     except NewConnectionError as error:  # (a subclass of urllib3's TimeoutError, so caught first)
-        return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)
+        return unreachable(error)
     except (HTTPError, OSError) as error:  # a timeout, or the deadline cutting a send or a read short
         if isinstance(error, (Urllib3Timeout, TimeoutError)) or time.monotonic() >= deadline:
-            return Attempt(error=f"the model did not answer within {timeout:g}s", retryable=True)
-        return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)
+            return too_slow(timeout)
+        return unreachable(error)
     finally:
         _attempt.deadline = _attempt.target = None
         if response is not None:
             if not complete:
                 response.close()  # unread answer left on the connection: never reuse it
             response.release_conn()
-    code = response.status
+    return judge(response.status, response.headers.get("Content-Type", ""), content, over, max_result_bytes)
+
+
+def unreachable(error: Exception) -> Attempt:
+    """A connection that failed or broke: retryable."""
+    return Attempt(error=f"could not reach the model: {_reason(error)}", retryable=True)
+
+
+def too_slow(timeout: float) -> Attempt:
+    """An attempt cut off at `forward_timeout`: retryable."""
+    return Attempt(error=f"the model did not answer within {timeout:g}s", retryable=True)
+
+
+def judge(code: int, content_type: str, content: bytes, over: bool, max_result_bytes: int) -> Attempt:
+    """What an answer means, whichever HTTP client read it: 5xx and 429 retryable, other 4xx final, an
+    answer over `max_result_bytes` final, anything else the result."""
     if code >= 500 or code == 429:
         return Attempt(error=f"the model answered HTTP {code}: {_snippet(content)}", retryable=True)
     if code >= 400:
@@ -372,4 +387,4 @@ def send(
         # Final, not retried: the model would most likely send the same answer again, costing the same
         # transfer each time; it needs a smaller answer or a larger max_result_bytes.
         return Attempt(error=f"the model's answer is larger than max_result_bytes ({max_result_bytes} bytes)")
-    return Attempt(result=encode_answer(code, response.headers.get("Content-Type", ""), content))
+    return Attempt(result=encode_answer(code, content_type, content))

@@ -92,13 +92,17 @@ class OutcomeRecorder:
     def record(self, batch: list[tuple[InFlight, Attempt]]) -> int:
         """Records a batch in one atomic call; safe to repeat. Returns how many came too late (recovery had
         taken their requests from this worker)."""
+        return int(self.script(keys=self.keys, args=self.script_args(batch)))
+
+    def script_args(self, batch: list[tuple[InFlight, Attempt]]) -> list[Any]:
+        """lua/record_outcomes.lua's ARGV for a batch (the asyncio worker sends them itself)."""
         clock, ended_at = time.time(), now()
         args: list[Any] = [utcformat(ended_at), keys.JOB_PREFIX, keys.RESULTS_PREFIX]
         args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX, FINISHED_JOB_DATA, repr(clock)]
         args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX]
         for item, attempt in batch:
             args += self.decide(item, attempt, clock, ended_at).script_args(item)
-        return int(self.script(keys=self.keys, args=args))
+        return args
 
     def decide(self, item: InFlight, attempt: Attempt, clock: float, ended_at: datetime) -> Outcome:
         """What RQ's worker would record for a success, a retry and a failure."""

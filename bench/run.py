@@ -56,6 +56,9 @@ TOKEN = "bench-token"
 SERVICE = "bench"
 BODY_BYTES = 1024
 WORKERS = 2  # worker processes in every drain: one per core of the 2-core target machine
+# The worker class the drains run (`rq worker -w ...`); BENCH_WORKER_CLASS measures another one beside it.
+WORKER_CLASS = os.environ.get("BENCH_WORKER_CLASS", "worker.QueueWorker")
+RAW_AIOHTTP_IN_FLIGHT = 16  # requests each raw aiohttp loop keeps in flight
 GUNICORN_WORKERS = 4
 WRK_CONNECTIONS = 32
 WRK_THREADS = 2
@@ -112,8 +115,9 @@ class Config:
 
 
 # Sizes of each measurement: a full run, and --quick, a smoke test.
+# slow_jobs: with concurrency in the thousands, 10,000 jobs were 2.5 rounds of new connections, not a drain.
 FULL_SIZES: dict[str, Any] = dict(
-    wrk_seconds=4, warmup_seconds=2, fast_jobs=20000, stock_jobs=400, slow_jobs=10000, raw_seconds=5.0,
+    wrk_seconds=4, warmup_seconds=2, fast_jobs=20000, stock_jobs=400, slow_jobs=40000, raw_seconds=5.0,
     latency_requests=200, memory_requests=5000, soak_seconds=60, long_polls=1000,
 )  # fmt: skip
 QUICK_SIZES: dict[str, Any] = dict(
@@ -510,7 +514,7 @@ def start_workers(stack: Stack, env: dict[str, str], plain: bool, burst: bool) -
     """`rq worker` processes started in the project root the way users start them."""
     command = [str(BIN / "rq"), "worker", "high", "default", "--url", stack.redis_url]
     if not plain:
-        command[2:2] = ["-w", "worker.QueueWorker"]
+        command[2:2] = ["-w", WORKER_CLASS]
     if burst:
         command.append("--burst")
     name = "rq-worker" if plain else "queue-worker"
@@ -844,16 +848,18 @@ def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool, model: subp
     )
 
 
-def raw_loop(stack: Stack, seconds: float) -> float:
-    """The drain's reference: 2 processes POSTing over a requests.Session for `seconds`; total req/s."""
+def raw_loop(stack: Stack, seconds: float, script: str = "raw_loop.py", *extra: str) -> float:
+    """A drain's reference: 2 processes POSTing with `script` (requests.Session, urllib3, aiohttp) for
+    `seconds`; total req/s."""
     start_at = time.time() + 2.0  # after the imports of both processes
     command = [
         sys.executable,
-        str(BENCH / "raw_loop.py"),
+        str(BENCH / script),
         f"{stack.nginx_url}/api/predict/{SERVICE}",
         repr(start_at),
         repr(seconds),
         str(stack.body_file),
+        *extra,
     ]
     loops = [stack.procs.start("raw-loop", command) for _ in range(WORKERS)]
     total = 0.0
@@ -878,13 +884,22 @@ def measure_fast_drains(stack: Stack, cfg: Config) -> list[Row]:
     fast_rates: list[float] = []
     stock_rates: list[float] = []
     raw_rates: list[float] = []
+    aio_rates: list[float] = []
+    urllib3_rates: list[float] = []
+    cpu: list[float] = []
     for repeat in range(cfg.repeats):
         raw_rates.append(raw_loop(stack, cfg.raw_seconds))
-        progress(f"run {repeat + 1} raw loop: {raw_rates[-1]:,.0f} req/s")
+        urllib3_rates.append(raw_loop(stack, cfg.raw_seconds, "raw_urllib3.py"))
+        aio_rates.append(raw_loop(stack, cfg.raw_seconds, "raw_aiohttp.py", str(RAW_AIOHTTP_IN_FLIGHT)))
+        progress(
+            f"run {repeat + 1} raw loops: requests {raw_rates[-1]:,.0f}, urllib3 {urllib3_rates[-1]:,.0f}, "
+            f"aiohttp {aio_rates[-1]:,.0f} req/s"
+        )
         if fast.error is None:
             try:
                 result = drain(stack, env, cfg.fast_jobs, plain=False, model=stack.nginx)
                 fast_rates.append(result.rate)
+                cpu.append(result.worker_cpu)
                 fast.runs.append(f"run {repeat + 1}: {result.describe()}")
                 progress(f"QueueWorker drain {fast.runs[-1]}")
             except BenchError as error:
@@ -908,6 +923,21 @@ def measure_fast_drains(stack: Stack, cfg: Config) -> list[Row]:
             ratio = median([r / w for r, w in zip(rates, raw_rates, strict=False)])  # each run beside its raw loop
             row.compare = f"{ratio:.2f}x of raw loop"
             row.notes = f"{jobs} jobs per run, first claim->last finish; {spread(rates)}"
+    fast.runs.append(f"raw urllib3 runs: {', '.join(f'{r:,.0f}' for r in urllib3_rates)} req/s")
+    fast.runs.append(
+        f"raw aiohttp ({RAW_AIOHTTP_IN_FLIGHT} in flight) runs: {', '.join(f'{r:,.0f}' for r in aio_rates)} req/s"
+    )
+    if fast_rates:
+        # The same-run references of the issue: asyncio + aiohttp (target 0.35x) and urllib3, each run
+        # beside its own loops.
+        vs_aio = median([r / a for r, a in zip(fast_rates, aio_rates, strict=False)])
+        vs_urllib3 = median([r / u for r, u in zip(fast_rates, urllib3_rates, strict=False)])
+        fast.reference += (
+            f"; raw urllib3 2 procs: {median(urllib3_rates):,.0f}; raw aiohttp 2 procs x {RAW_AIOHTTP_IN_FLIGHT} "
+            f"in flight: {median(aio_rates):,.0f}"
+        )
+        fast.compare += f"; {vs_urllib3:.2f}x of urllib3; {vs_aio:.2f}x of aiohttp (target 0.35)"
+        fast.notes += f"; worker CPU {median(cpu) * 1e6:,.0f} us per job (target 200)"
     return [fast, stock]
 
 

@@ -1,0 +1,73 @@
+"""The asyncio worker's committer: records finished attempts in batches, one lua/record_outcomes.lua call
+each, keeping a batch until Redis takes it; only then are the requests' slots freed (and their heartbeats
+stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import redis
+import redis.asyncio
+
+import redis_errors
+import redis_scripts
+from forwarding import Attempt
+from inflight import InFlight
+from outcomes import OutcomeRecorder, log_recorded
+
+
+class AsyncCommitter:
+    """Batches of up to `batch_size` outcomes, recorded in the order they came."""
+
+    def __init__(
+        self,
+        connection: redis.asyncio.Redis,
+        recorder: OutcomeRecorder,
+        log: logging.Logger,
+        recorded: Callable[[list[InFlight]], None],
+        batch_size: int = 256,
+    ) -> None:
+        self.recorder, self.log, self.recorded, self.batch_size = recorder, log, recorded, batch_size
+        self.script = connection.register_script(redis_scripts.source("record_outcomes"))
+        self.keys = recorder.keys
+        self.give_up_after = 30  # tries at an error that does not pass by itself (not: Redis away or full)
+        self._outcomes: list[tuple[InFlight, Attempt]] = []
+        self._ready = asyncio.Event()
+
+    def put(self, item: InFlight, attempt: Attempt) -> None:
+        self._outcomes.append((item, attempt))
+        self._ready.set()
+
+    async def run(self) -> None:
+        """Records what comes, until cancelled (after the worker has drained)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._outcomes:
+                batch = self._outcomes[: self.batch_size]
+                del self._outcomes[: self.batch_size]
+                await self._record(batch)
+                self.recorded([item for item, _ in batch])
+
+    async def _record(self, batch: list[tuple[InFlight, Attempt]]) -> None:
+        """Records the batch, retrying while Redis is away or refuses writes (recording twice is harmless).
+        After `give_up_after` other errors it lets go: without heartbeats, recovery retries the requests."""
+        failures = 0
+        while True:
+            try:
+                stale = int(await self.script(keys=self.keys, args=self.recorder.script_args(batch)))
+                log_recorded(batch)
+                if stale:
+                    self.log.warning("%d outcomes came after recovery had taken their requests", stale)
+                return
+            except Exception as error:
+                failures += 1
+                if isinstance(error, redis.RedisError) and redis_errors.passing(error):
+                    self.log.warning("cannot record %d outcomes yet (%s)", len(batch), error)
+                else:
+                    self.log.exception("recording %d outcomes failed", len(batch))
+                    if failures >= self.give_up_after:
+                        return
+            await asyncio.sleep(redis_errors.backoff(failures))

@@ -1,0 +1,153 @@
+"""AsyncQueueWorker run in the test process (`work(burst=True)`) against a real redis-server and the real
+model server, like tests/test_worker.py for the thread worker; and started as users start it
+(`rq worker -w async_worker.AsyncQueueWorker`) for a SIGKILL, a warm shutdown and many in flight."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+
+import keys
+import lifecycle
+from async_worker import AsyncQueueWorker
+from lifecycle import RequestStatus
+from queueing import Enqueuer, Submission
+from settings import load_settings
+from tests.conftest import BIN, ROOT, wait_for
+
+WORKER_CLASS = "async_worker.AsyncQueueWorker"
+
+
+@pytest.fixture
+def settings(redis_server, model):
+    return load_settings(
+        {
+            "EAS_QUEUE_REDIS_URL": redis_server.url,
+            "EAS_QUEUE_TARGET_API_BASE_URL": model.url,
+            "EAS_QUEUE_RETRY_INTERVALS": "0,0",
+            "EAS_QUEUE_WORKER_CONCURRENCY": "4",
+            "EAS_QUEUE_FORWARD_TIMEOUT": "5",
+        }
+    )
+
+
+@pytest.fixture
+def submit(db, settings):
+    enqueuer = Enqueuer(db, settings)
+
+    def enqueue(query: tuple = (), priority: bool = False, body: bytes = b"{}") -> str:
+        submission = Submission("svc", "", query, "application/json", body, priority, None, None)
+        return enqueuer.enqueue(submission).request_id
+
+    return enqueue
+
+
+@pytest.fixture
+def run_worker(redis_server, settings):
+    """Runs an AsyncQueueWorker in this process until the queues are empty and nothing is in flight."""
+
+    def run(**work_options: object) -> AsyncQueueWorker:
+        connection = redis.Redis.from_url(redis_server.url)
+        worker = AsyncQueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
+        worker.work(burst=True, **work_options)
+        return worker
+
+    return run
+
+
+def status(db, request_id: str) -> RequestStatus:
+    state = lifecycle.read_state(db, request_id)
+    assert state is not None
+    return state.status
+
+
+def test_burst_forwards_everything_high_first(db, model, submit, run_worker):
+    low = [submit(query=(("n", str(n)),)) for n in range(6)]
+    high = [submit(query=(("n", str(n)),), priority=True) for n in range(3)]
+    worker = run_worker()
+    assert [status(db, i) for i in low + high] == [RequestStatus.SUCCESS] * 9
+    started = {i: Job.fetch(i, connection=db).started_at for i in low + high}
+    assert max(started[i] for i in high) <= min(started[i] for i in low)  # claimed high first (or together)
+    assert sorted(model.ids()) == sorted(low + high)  # each forwarded once
+    assert db.zcard(keys.OPEN_REQUESTS) == 0
+    assert db.hget(worker.key, "successful_job_count") == b"9"  # counted as RQ counts them
+
+
+def test_a_4xx_fails_at_once_and_a_5xx_waits_for_its_retry(db, model, submit, run_worker):
+    refused = submit(query=(("status", "400"),))
+    flaky = submit(query=(("fail_first", "1"),))
+    run_worker()
+    assert status(db, refused) == RequestStatus.FAILURE
+    assert lifecycle.read_state(db, refused).error.startswith("the model answered HTTP 400")
+    assert status(db, flaky) in (RequestStatus.RETRY, RequestStatus.PENDING, RequestStatus.SUCCESS)
+    wait_for(lambda: run_worker() and status(db, flaky) == RequestStatus.SUCCESS, 10, "the retry to succeed")
+    assert len(model.requests_for(flaky)) == 2
+
+
+def test_a_slow_model_is_cut_off_at_forward_timeout(db, model, submit, run_worker):
+    slow = submit(query=(("delay", "30"),))
+    run_worker()
+    wait_for(lambda: run_worker() and status(db, slow) == RequestStatus.FAILURE, 30, "the retries to run out")
+    assert lifecycle.read_state(db, slow).error == "the model did not answer within 5s"
+
+
+def test_the_raw_query_and_content_encoding_reach_the_model_byte_for_byte(db, model, settings, run_worker):
+    query, raw = (("x", "?"), ("y", "1")), "x=%ff%fe&y=1"
+    submission = Submission("svc", "a/b", query, "application/json", b"\x1f\x8b..", False, None, None, raw, "gzip")
+    request_id = Enqueuer(db, settings).enqueue(submission).request_id
+    run_worker()
+    [seen] = model.requests_for(request_id)
+    assert seen.raw_query == "x=%ff%fe&y=1"
+    assert seen.path == "/api/predict/svc/a/b"
+    assert seen.headers["Content-Encoding"] == "gzip"
+    assert seen.body == b"\x1f\x8b.."
+
+
+def test_max_jobs_stops_after_that_many(db, submit, run_worker):
+    ids = [submit() for _ in range(5)]
+    run_worker(max_jobs=2)
+    assert sorted(status(db, i) for i in ids).count(RequestStatus.SUCCESS) == 2
+    assert db.llen(keys.queue_keys("default").queue) == 3
+
+
+def test_another_job_function_runs_as_rq_would_run_it(db, redis_server, run_worker):
+    job = Queue("default", connection=db).enqueue("builtins.len", "four")
+    run_worker()
+    assert Job.fetch(job.id, connection=db).return_value() == 4
+
+
+def start_worker(redis_server, model, **settings: str) -> subprocess.Popen:
+    """`rq worker -w async_worker.AsyncQueueWorker high default`, as a user starts it."""
+    env = {**os.environ, "EAS_QUEUE_REDIS_URL": redis_server.url, "EAS_QUEUE_TARGET_API_BASE_URL": model.url}
+    env.update({f"EAS_QUEUE_{k.upper()}": v for k, v in settings.items()})
+    command = [str(BIN / "rq"), "worker", "-w", WORKER_CLASS, "high", "default", "--url", redis_server.url]
+    return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+
+
+def test_a_sigkilled_worker_s_requests_are_retried_by_another(db, redis_server, model, submit):
+    ids = [submit(query=(("delay", "2"),)) for _ in range(20)]
+    first = start_worker(redis_server, model, worker_concurrency="2000", retry_intervals="0")
+    wait_for(lambda: len({r for r in model.ids() if r in ids}) == 20, 20, "every request at the model")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = start_worker(redis_server, model, retry_intervals="0")
+    try:
+        wait_for(lambda: all(status(db, i) == RequestStatus.SUCCESS for i in ids), 60, "every request to succeed")
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+    assert all(lifecycle.read_state(db, i).attempts == 2 for i in ids)  # the killed attempt counts
+
+
+def test_sigterm_finishes_what_is_in_flight(db, redis_server, model, submit):
+    ids = [submit(query=(("delay", "2"),)) for _ in range(40)]
+    worker = start_worker(redis_server, model, worker_concurrency="1000")
+    wait_for(lambda: len({r for r in model.ids() if r in ids}) == 40, 30, "40 requests at the model at once")
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert all(status(db, i) == RequestStatus.SUCCESS for i in ids)
+    assert sorted(model.ids()) == sorted(ids)  # each forwarded once
