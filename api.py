@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import select
+import socket
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -113,7 +115,7 @@ def answer_when_ended(ctx: ApiContext, request_id: str, wait: int) -> Response:
         state = lifecycle.read_state(ctx.connection, request_id)
         return state if state is not None and state.status.ended else None
 
-    state = ctx.notifier.wait_until(ended, wait, request_id=request_id)
+    state = ctx.notifier.wait_until(ended, wait, request_id=request_id, gone=client_gone)
     response = jsonify(state.record()) if state else Response(request_id, status=202, mimetype="text/plain")
     response.headers[forwarding.REQUEST_ID_HEADER] = request_id
     response.headers["Preference-Applied"] = f"wait={wait}"
@@ -150,7 +152,7 @@ def sink(service: str) -> tuple[Response, int] | Response:
             return current if current.status.ended else None
 
         with ctx.notifier.client():
-            state = ctx.notifier.wait_until(ended, wait, request_id=request_id) or state
+            state = ctx.notifier.wait_until(ended, wait, request_id=request_id, gone=client_gone) or state
     if raw:
         return raw_answer(state)
     return jsonify(state.record()), 200 if state.status.ended else 202
@@ -345,6 +347,19 @@ def sink_request_id(allowed: set[str]) -> str:
 
 
 _DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m)?")  # ASCII digits: "١٢" is not a number here
+
+
+def client_gone() -> bool:
+    """Whether the client of this request has closed its connection (it can send nothing more while it
+    waits, so a readable socket with no byte to read is one the client closed)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False  # not under gunicorn (a test client): cannot tell
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def flag_parameter(name: str) -> bool:

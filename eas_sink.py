@@ -229,6 +229,7 @@ def get_frames(ctx: api.ApiContext, service: str) -> Response:
                 lambda: sink_log.read(ctx.connection, service, params.index, params.length) or None,
                 wait_for(params.wait),
                 service=service,
+                gone=api.client_gone,
             )
         frames = frames_for(ctx.connection, entries or [])
     if params.auto_delete and frames:
@@ -249,7 +250,10 @@ def _frame_of_request(ctx: api.ApiContext, service: str, params: GetParameters) 
             return current if current.status.ended else None
 
         with ctx.notifier.client():
-            state = ctx.notifier.wait_until(ended, wait_for(params.wait), request_id=request_id) or state
+            state = (
+                ctx.notifier.wait_until(ended, wait_for(params.wait), request_id=request_id, gone=api.client_gone)
+                or state
+            )
     if not state.status.ended:
         return []
     return [frame_for(state.sink_index or 0, state.status, request_id, state, True)]

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 import redis
 from flask import Response, request, stream_with_context
 
+import api
 import lifecycle
 import redis_errors
 import sink_log
 from errors import ApiError
 
 if TYPE_CHECKING:
-    from api import ApiContext
+    from api import ApiContext  # (api imports this module; `import api` above is used at call time only)
 
 log = logging.getLogger("eas_queue")
 KEEPALIVE = 15.0  # seconds between comment lines on an idle stream
@@ -95,6 +96,7 @@ def _events(ctx: ApiContext, service: str, position: int) -> Iterator[str]:
                 lambda start=position: sink_log.read(connection, service, start, BATCH) or None,
                 KEEPALIVE,
                 service=service,
+                gone=api.client_gone,  # a stream whose client left gives its place back within a second
             )
             with notifier.reading():
                 chunk = "".join(_event(connection, entry) for entry in entries or ())
@@ -107,6 +109,8 @@ def _events(ctx: ApiContext, service: str, position: int) -> Iterator[str]:
             yield ": waiting for Redis\n\n"
             continue
         if not entries:
+            if api.client_gone():
+                return
             yield ": keep-alive\n\n"
             continue
         yield chunk

@@ -29,6 +29,7 @@ T = TypeVar("T")
 # Redis reads that waiting clients make at once, of the process's 32 connections (redis_connection.py):
 # when many streams wake together, the rest of the API still finds connections free.
 MAX_READERS = 8
+GONE_CHECK = 1.0  # seconds between a waiting client's checks that it is still connected
 
 
 class Busy(Exception):
@@ -77,6 +78,10 @@ class EndedNotifier:
 
         return release
 
+    def _read(self, ready: Callable[[], T | None]) -> T | None:
+        with self._readers:
+            return ready()
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         """Bounds the Redis reads waiting clients make at once (MAX_READERS)."""
@@ -90,9 +95,12 @@ class EndedNotifier:
         *,
         request_id: str | None = None,
         service: str | None = None,
+        gone: Callable[[], bool] | None = None,
     ) -> T | None:
         """Calls `ready()` until it returns something other than None, waking when `request_id` (or any
-        request of `service`) ends, for at most `timeout` seconds; returns its last value."""
+        request of `service`) ends, for at most `timeout` seconds; returns its last value. `gone()` is asked
+        every GONE_CHECK seconds meanwhile: a client that has gone away gives its place back at once, not
+        when its wait runs out (ready() is not called for that: an idle wait costs Redis nothing)."""
         self._listen()
         event = threading.Event()
         topics = [f"request:{request_id}"] if request_id else []
@@ -101,15 +109,18 @@ class EndedNotifier:
         WAITING_CLIENTS.inc()
         try:
             deadline = time.monotonic() + timeout
-            while True:
-                # Registered before this check, so an end published between it and the wait still wakes us.
-                with self._readers:
-                    value = ready()
+            # Registered before this first check, so an end published between it and the wait still wakes us.
+            value = self._read(ready)
+            while value is None:
                 left = deadline - time.monotonic()
-                if value is not None or left <= 0:
-                    return value
-                event.wait(left)
-                event.clear()
+                if left <= 0:
+                    return self._read(ready)
+                if event.wait(min(left, GONE_CHECK) if gone else left):
+                    event.clear()
+                    value = self._read(ready)
+                elif gone is not None and gone():
+                    return None
+            return value
         finally:
             WAITING_CLIENTS.dec()
             self._unregister(topics, event)

@@ -12,6 +12,20 @@ from tests.conftest import AUTH, TOKEN, Api, RedisServer, Workers, service_env, 
 STREAM_HEADERS = {**AUTH, "Accept": "text/event-stream"}
 
 
+@pytest.fixture
+def small_api(redis_server, model, db):
+    """One API process holding at most 3 waiting clients: which process takes a connection is then known."""
+    started = Api(service_env(redis_server.url, model.url, max_waiting_clients=3), args=("--workers", "1"))
+    yield started
+    started.stop()
+
+
+def waiting_clients(api) -> float:
+    """The API's own gauge of clients waiting now (GET /metrics)."""
+    text = requests.get(f"{api.url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("eas_queue_waiting_clients"))
+
+
 def sink(api, params: dict) -> requests.Response:
     return requests.get(f"{api.url}/api/predict/svc/sink", params=params, headers=AUTH, timeout=30)
 
@@ -137,19 +151,15 @@ def test_prefer_wait_answers_the_record_for_a_fast_model_and_202_for_a_slow_one(
     assert plain.status_code == 200 and "Preference-Applied" not in plain.headers
 
 
-def test_waiting_clients_beyond_the_limit_get_503_and_the_api_still_answers(make_api, workers, db):
+def test_waiting_clients_beyond_the_limit_get_503_and_the_api_still_answers(small_api, db):
     """A probe's 2,000 event streams took every connection of the API and /healthz stopped answering: each
     process now holds at most `max_waiting_clients` (long-polls, streams, Prefer: wait) and refuses more."""
-    api = make_api(max_waiting_clients=3)  # per gunicorn process; the test API runs 2
+    api = small_api
     request_id = api.submit_ok(params={"delay": "30"})  # no worker: it stays PENDING
-    held, refused = [], None
-    for _ in range(7):  # 2 processes x 3: the 7th at the latest finds its process full
-        stream = EventStream(api)
-        if stream.response.status_code != 200:
-            refused = stream.response
-            break
-        held.append(stream)
-    assert refused is not None and refused.status_code == 503 and len(held) <= 6
+    held = [EventStream(api) for _ in range(3)]
+    assert all(stream.response.status_code == 200 for stream in held)
+    refused = EventStream(api).response
+    assert refused.status_code == 503
     assert "waiting clients" in refused.json()["error"] and refused.headers["Retry-After"] == "1"
     # Whichever process is full refuses every kind of waiting client before doing anything else: a
     # `Prefer: wait` submit queues nothing, an EAS SDK long-poll gets no frames.
@@ -161,11 +171,7 @@ def test_waiting_clients_beyond_the_limit_get_503_and_the_api_still_answers(make
         lambda: sink(api, {"_index_": "0", "_length_": "1", "_timeout_": "1s", "_raw_": "false"}),
     ]
     for attempt in waiting:
-        for _ in range(8):
-            answer = attempt()
-            if answer.status_code == 503:
-                break
-            queued = db.llen("rq:queue:default")
+        answer = attempt()
         assert answer.status_code == 503, answer.text
         assert db.llen("rq:queue:default") == queued  # the refused submit queued nothing
     assert requests.get(api.url + "/healthz", timeout=5).status_code == 200
@@ -224,19 +230,17 @@ def test_configured_service_names_are_not_told_to_clients_without_a_token(make_a
     assert "private" not in answer.text.lower()
 
 
-def test_websocket_watches_count_as_waiting_clients(make_api, db):
+def test_websocket_watches_count_as_waiting_clients(small_api, db):
     import websocket  # websocket-client, as the eas-prediction SDK's watch uses it
 
-    api = make_api(max_waiting_clients=1)  # per process; the test API runs 2
+    api = small_api
     url = f"ws://127.0.0.1:{api.port}/api/predict/svc/sink?_watch_=true&_window_=1"
-    held, refused = [], None
-    for _ in range(3):
-        try:
-            held.append(websocket.create_connection(url, header=[f"Authorization: {TOKEN}"], timeout=10))
-        except websocket.WebSocketBadStatusException as error:
-            refused = error
-            break
-    assert refused is not None and refused.status_code == 503 and len(held) <= 2
+    held = [websocket.create_connection(url, header=[f"Authorization: {TOKEN}"], timeout=10) for _ in range(3)]
+    try:
+        websocket.create_connection(url, header=[f"Authorization: {TOKEN}"], timeout=10)
+        raise AssertionError("a fourth watch was let in")
+    except websocket.WebSocketBadStatusException as refused:
+        assert refused.status_code == 503
     for connection in held:
         connection.close()
 
@@ -246,3 +250,26 @@ def test_websocket_watches_count_as_waiting_clients(make_api, db):
         return stream.response.status_code == 200
 
     wait_for(admitted, 20, "the watches' places to be given back")
+
+
+def test_a_long_poll_whose_client_went_away_gives_its_place_back_at_once(small_api, db):
+    """A probe aborted 2,000 long-polls and the API stayed full until each one's `_timeout_` ran out."""
+    api = small_api
+    request_id = api.submit_ok()  # no worker: it stays PENDING
+    aborted = []
+    for _ in range(3):
+        client = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+        client.sendall(
+            f"GET /api/predict/svc/sink?request_id={request_id}&_timeout_=60 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {TOKEN}\r\n\r\n".encode()
+        )
+        aborted.append(client)
+    wait_for(lambda: waiting_clients(api) == 3, 10, "the three long-polls to wait")
+    assert sink(api, {"request_id": request_id, "_timeout_": "0.1"}).status_code == 503  # full
+    for client in aborted:
+        client.close()  # each waits 60 s unless the server notices
+    wait_for(
+        lambda: all(sink(api, {"request_id": request_id, "_timeout_": "0.1"}).status_code == 202 for _ in range(3)),
+        10,
+        "the places of the aborted long-polls to be given back",
+    )
