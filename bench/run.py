@@ -1067,6 +1067,20 @@ def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def bare_hash_bytes(stack: Stack, count: int) -> float:
+    """The memory rows' reference: Redis bytes per plain hash holding the 1 KB body (flushes around it)."""
+    client = stack.client()
+    client.flushall()
+    before = used_memory(client)
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            pipe.hset(f"bare:job:{i:08d}", "body", stack.body)
+        pipe.execute()
+    per_hash = (used_memory(client) - before) / count
+    client.flushall()
+    return per_hash
+
+
 def measure_redis_memory(stack: Stack, cfg: Config) -> Row:
     row = Row("5. Redis memory per queued 1 KB request (no workers)")
     client = stack.client()
@@ -1078,14 +1092,7 @@ def measure_redis_memory(stack: Stack, cfg: Config) -> Row:
         before = used_memory(client)
         prefill(stack, env, cfg.memory_requests)
         ours.append((used_memory(client) - before) / cfg.memory_requests)
-        client.flushall()
-        before = used_memory(client)
-        with client.pipeline(transaction=False) as pipe:
-            for i in range(cfg.memory_requests):
-                pipe.hset(f"bare:job:{i:08d}", "body", stack.body)
-            pipe.execute()
-        bare.append((used_memory(client) - before) / cfg.memory_requests)
-        client.flushall()
+        bare.append(bare_hash_bytes(stack, cfg.memory_requests))
         row.runs.append(f"run {repeat + 1}: {ours[-1]:,.0f} B per request; bare 1 KB hash {bare[-1]:,.0f} B")
         progress(f"redis memory {row.runs[-1]}")
     value = median(ours)
@@ -1140,14 +1147,7 @@ def measure_retained(stack: Stack, cfg: Config) -> Row:
         ours.append((used_memory(client) - before) / cfg.memory_requests)
         if finished != cfg.memory_requests or failed:
             raise BenchError(f"{finished}/{cfg.memory_requests} finished, {failed} failed")
-        client.flushall()
-        before = used_memory(client)
-        with client.pipeline(transaction=False) as pipe:
-            for i in range(cfg.memory_requests):
-                pipe.hset(f"bare:job:{i:08d}", "body", stack.body)
-            pipe.execute()
-        bare.append((used_memory(client) - before) / cfg.memory_requests)
-        client.flushall()
+        bare.append(bare_hash_bytes(stack, cfg.memory_requests))
         row.runs.append(f"run {repeat + 1}: {ours[-1]:,.0f} B per finished request; bare 1 KB hash {bare[-1]:,.0f} B")
         progress(f"retained {row.runs[-1]}")
     value = median(ours)
