@@ -135,7 +135,10 @@ def test_record_writes_what_rq_writes_for_a_success(redis_server, db, settings, 
     assert db.zscore(keys.queue_keys("default").started, f"{request_id}:{item.execution.id}") is None
     assert not db.exists(f"{keys.EXECUTION_PREFIX}{request_id}:{item.execution.id}")
     assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
-    ours = (sorted(db.xrange(keys.RESULTS_PREFIX + request_id)[0][1]), db.ttl(keys.job_key(request_id)) > 0)
+    ours = db.xrange(keys.RESULTS_PREFIX + request_id)[0][1]
+    assert db.ttl(keys.job_key(request_id)) > 0 and db.ttl(keys.RESULTS_PREFIX + request_id) > 0
+    # A success's Result keeps its type and return value; who ran it and when stay on the job (outcomes.py).
+    assert (job.worker_name, job.started_at is not None, job.ended_at is not None) == (worker.name, True, True)
 
     # The same success recorded by RQ's own worker.
     db.flushall()
@@ -148,8 +151,12 @@ def test_record_writes_what_rq_writes_for_a_success(redis_server, db, settings, 
     job._result = answer
     job.started_at = job.ended_at = now()
     rq_worker.handle_job_success(job, queue, queue.started_job_registry, execution)
-    rqs = (sorted(db.xrange(keys.RESULTS_PREFIX + reference)[0][1]), db.ttl(keys.job_key(reference)) > 0)
-    assert ours == rqs
+    rqs = db.xrange(keys.RESULTS_PREFIX + reference)[0][1]
+    assert db.ttl(keys.job_key(reference)) > 0
+    assert {name: ours[name] for name in (b"type", b"return_value")} == {
+        name: rqs[name] for name in (b"type", b"return_value")
+    }
+    assert set(ours) == {b"type", b"return_value"} < set(rqs)
     assert db.zscore(keys.queue_keys("default").finished, reference) is not None
 
 
