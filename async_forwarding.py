@@ -1,4 +1,4 @@
-"""One forwarding attempt on asyncio: forwarding.send's rules, on aiohttp instead of a thread each.
+"""One forwarding attempt on asyncio (QueueWorker): forwarding.send's rules (plain `rq worker`), on aiohttp.
 
 The same URL (forwarding.model_url: every path segment escaped, the raw query byte for byte), the same
 headers (the request id, Content-Type and Content-Encoding as queued; no proxy from the environment, no

@@ -1,4 +1,4 @@
-"""lua/claim.lua's arguments and answer for an AsyncQueueWorker (the same call, asyncio or not)."""
+"""lua/claim.lua's arguments and answer for a QueueWorker (the same call, asyncio or not)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import keys
 from inflight import InFlight
 
 if TYPE_CHECKING:
-    from async_worker import AsyncQueueWorker
+    from worker import QueueWorker
 
 # The job fields lua/claim.lua returns: only what forwarding and recording need (parsing RQ's four
 # timestamps per job cost more than forwarding it).
@@ -24,7 +24,7 @@ CLAIM_FIELDS = ("data", "origin", "retries_left", "retry_intervals", "result_ttl
 LOG_FIELDS = ("eas_attempts", "enqueued_at")
 
 
-def claim_args(worker: AsyncQueueWorker, count: int, adopted: tuple[int, str] | None) -> tuple[list[Any], datetime]:
+def claim_args(worker: QueueWorker, count: int, adopted: tuple[int, str] | None) -> tuple[list[Any], datetime]:
     """lua/claim.lua's ARGV, and the start time it writes."""
     started_at = now()
     clock = time.time()
@@ -38,7 +38,7 @@ def claim_args(worker: AsyncQueueWorker, count: int, adopted: tuple[int, str] | 
     return args, started_at
 
 
-def claimed(worker: AsyncQueueWorker, rows: list, started_at: datetime) -> list[InFlight]:
+def claimed(worker: QueueWorker, rows: list, started_at: datetime) -> list[InFlight]:
     """lua/claim.lua's answer as InFlight items, now in flight here."""
     items = []
     for queue_index, job_id, execution_id, values in rows:

@@ -2,31 +2,35 @@
 
 `forward` is the job function behind every request (its path, `worker.forward`, is pickled into every
 queued job); plain `rq worker high default` runs it, one fork per request. `QueueWorker` is the worker
-class to run in production (`rq worker -w worker.QueueWorker --config worker high default`): it forwards
-many requests at once from one process with pooled connections, claims requests from Redis atomically,
-and runs the upkeep of recovery.py, so due retries and dead workers' requests are handled within seconds.
+class to run in production (`rq worker -w worker.QueueWorker --config worker high default`): thousands of
+requests in flight from one process, claimed from Redis atomically, recorded in batches, and the upkeep of
+recovery.py, so due retries and dead workers' requests are handled within seconds.
 
-One QueueWorker process: the main thread claims requests (lua/claim.lua) and runs upkeep and heartbeats;
-`Forwarders` threads make the HTTP calls; one `Committer` thread records outcomes in batches (outcomes.py).
+One QueueWorker process runs one asyncio loop: the claim loop (lua/claim.lua, strict priority, atomically
+started), one task per request (async_forwarding.send on a shared aiohttp pool) and a committer task that
+records finished attempts in batches (async_commit.py, lua/record_outcomes.lua). Claims and records go
+through redis.asyncio; heartbeats and upkeep are RQ's own synchronous calls, run in one helper thread
+(worker_upkeep.py), so a slow Redis call there never stalls forwarding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.executions import Execution
 from rq.job import Job, get_current_job
-from rq.utils import now, utcformat
-from rq.worker import BaseWorker, WorkerStatus
+from rq.worker import BaseWorker
 
-import callbacks
+import async_forwarding
+import async_redis
+import claiming
 import forwarding
 import keys
 import lifecycle
@@ -36,13 +40,13 @@ import recovery
 import redis_connection
 import redis_errors
 import redis_scripts
-import sink_log
+import worker_upkeep
+from async_commit import AsyncCommitter
 from forwarding import Attempt, ModelRequest
-from inflight import InFlight, InFlightTable
+from inflight import InFlight
 from outcomes import OutcomeRecorder
 from queueing import FORWARD_FUNCTION
 from settings import Settings, get_settings
-from worker_threads import Committer, Forwarders
 
 # `rq worker --config worker` reads these: the queues in priority order, and Redis as the settings say
 # (a redis+sentinel:// URL as RQ's SENTINEL dict, REDIS_URL then None: redis_connection.py).
@@ -98,16 +102,9 @@ def forward(
     raise ForwardError(result.error)
 
 
-# The job fields lua/claim.lua returns: only what forwarding and recording need (parsing RQ's four
-# timestamps per job cost more than forwarding it).
-CLAIM_FIELDS = ("data", "origin", "retries_left", "retry_intervals", "result_ttl", "failure_ttl")
-# Also returned, for the log lines and metrics (logs.py), and kept from RQ's restore, which would parse the time.
-LOG_FIELDS = ("eas_attempts", "enqueued_at")
-
-
 class QueueWorker(BaseWorker):
-    """An RQ worker that forwards `worker_concurrency` requests at a time from one process, with no fork
-    and no import per request, recording into RQ's own registries, results and retry schedule."""
+    """An RQ worker forwarding up to `worker_concurrency` requests at a time from one asyncio loop,
+    recording into RQ's own registries, results and retry schedule."""
 
     heartbeat_ttl = 15  # seconds a claimed request stays "started" without a heartbeat from its worker
     heartbeat_interval = 3.0
@@ -122,26 +119,27 @@ class QueueWorker(BaseWorker):
     def __init__(self, *args: Any, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings or get_settings()
-        # Redis calls fail fast and are retried by this worker's own loops, never by redis-py behind its
-        # back: a claim run twice would take a second batch. RQ sets a 415 s socket timeout for its long
-        # BLPOP; ours waits at most `idle_wait`, so a dead link is noticed within seconds.
+        # RQ's own client (registration, heartbeats, recovery, in the upkeep thread): fail fast, no
+        # retries behind our back, a dead link noticed within seconds.
         self.connection.connection_pool.connection_kwargs.update(
             socket_timeout=10, socket_connect_timeout=5, retry=RedisRetry(NoBackoff(), 0)
         )
         self.connection.connection_pool.disconnect()
         self.queue_keys = [keys.queue_keys(q.name) for q in self.queues]
         self._queue_set = ",".join(q.name for q in self.queue_keys)  # recovery runs once per set of queues
-        self.in_flight = InFlightTable(self.settings.worker_concurrency)
+        self.capacity = self.settings.worker_concurrency
+        self.in_flight: dict[str, InFlight] = {}  # claimed and not yet recorded, by request id
         self.schedule = recovery.Schedule()
-        self._claim_script = redis_scripts.register(self.connection, "claim")
         self._claim_keys = [keys.OPEN_REQUESTS, self.executions_key, keys.METRICS]
         for q in self.queue_keys:
             self._claim_keys += [q.queue, q.started, q.canceled]
         self._promote_due = recovery.RetryPromoter(self.connection, self.queue_keys)
         self._orphans = recovery.OrphanSweep(self.connection, self.queue_keys, self.log, self.orphan_interval)
-        recorder = OutcomeRecorder(self.connection, self.settings, self.name, self.executions_key, self.key)
-        self._committer = Committer(recorder, self.in_flight, self.log)
-        self._forwarders = Forwarders(self.settings.worker_concurrency, self._attempt, self._committer)
+        self._recorder = OutcomeRecorder(self.connection, self.settings, self.name, self.executions_key, self.key)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None  # set when slots free up or a stop is asked
+        self._tasks: set[asyncio.Task] = set()
+        self._draining = False
 
     # -- the work loop ----------------------------------------------------------------------------
 
@@ -157,192 +155,191 @@ class QueueWorker(BaseWorker):
         **_: Any,
     ) -> bool:
         """Claims and forwards requests until stopped (or, with --burst, until the queues are empty)."""
-        self._bootstrap(logging_level or "INFO", date_format, log_format)
+        worker_upkeep.bootstrap(self, logging_level or "INFO", date_format, log_format)
         self._install_signal_handlers()
-        self._committer.start()
-        self._forwarders.start()
-        started, failures, idle_since = 0, 0, time.monotonic()
+        started = 0
         try:
-            while not self._stop_requested:
-                try:
-                    self._upkeep()
-                    free = self.in_flight.free_slots(self.batch_wait, self.idle_wait)
-                    if max_jobs is not None:
-                        free = min(free, max_jobs - started)
-                    claimed = self._claim(free) if free > 0 else []
-                    if free > 0 and not claimed:
-                        if self._idle_enough(burst, max_idle_time, idle_since):
-                            break
-                        claimed = self._wait_for_request()
-                    failures = 0
-                except redis.RedisError as error:
-                    failures += 1
-                    self._after_redis_error(error, failures)
-                    continue
-                for item in claimed:
-                    self._forwarders.put(item)
-                if claimed:
-                    started += len(claimed)
-                    idle_since = time.monotonic()
-                if max_jobs is not None and started >= max_jobs:
-                    break
+            started = asyncio.run(self._run(burst, max_jobs, max_idle_time))
         finally:
-            self._drain_and_stop()
-            self._teardown_quietly()
+            worker_upkeep.teardown_quietly(self)
         return started > 0
+
+    async def _run(self, burst: bool, max_jobs: int | None, max_idle_time: float | None) -> int:
+        self._loop, self._changed = asyncio.get_running_loop(), asyncio.Event()
+        self._redis = async_redis.client_like(self.connection)
+        self._claim_script = self._redis.register_script(redis_scripts.source("claim"))
+        self._http = async_forwarding.session(self.capacity)
+        self._upkeep_thread = ThreadPoolExecutor(1, thread_name_prefix="upkeep")
+        self._committer = AsyncCommitter(self._redis, self._recorder, self.log, self._recorded)
+        tasks = [asyncio.create_task(self._committer.run()), asyncio.create_task(self._upkeep_loop())]
+        try:
+            started = await self._claim_loop(burst, max_jobs, max_idle_time)
+            await self._drain()
+            return started
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._http.close()
+            await self._redis.aclose()
+            self._upkeep_thread.shutdown(wait=True)
+
+    async def _claim_loop(self, burst: bool, max_jobs: int | None, max_idle_time: float | None) -> int:
+        started, failures, idle_since = 0, 0, time.monotonic()
+        while not self._stop_requested:
+            free = await self._free_slots()
+            if max_jobs is not None:
+                free = min(free, max_jobs - started)
+            try:
+                claimed = await self._claim_async(free) if free > 0 else []
+                if free > 0 and not claimed:
+                    if self._idle_enough(burst, max_idle_time, idle_since):
+                        break
+                    claimed = await self._wait_for_request()
+                failures = 0
+            except redis.RedisError as error:
+                failures += 1
+                await self._after_redis_error(error, failures)
+                continue
+            for item in claimed:
+                task = asyncio.create_task(self._forward(item))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if claimed:
+                started += len(claimed)
+                idle_since = time.monotonic()
+            if max_jobs is not None and started >= max_jobs:
+                break
+        return started
+
+    async def _free_slots(self) -> int:
+        """How many more requests to claim now. When full, waits up to `idle_wait` for a slot; while some
+        are in flight, up to `batch_wait` for a quarter of the slots: each claim is a round trip, so
+        claiming a few at a time costs CPU."""
+        batch = max(1, self.capacity // 4)
+        if len(self.in_flight) >= self.capacity:
+            await self._wait_changed(self.idle_wait)
+        deadline = time.monotonic() + self.batch_wait
+        while self.in_flight and self.capacity - len(self.in_flight) < batch and not self._stop_requested:
+            if not await self._wait_changed(deadline - time.monotonic()):
+                break
+        return self.capacity - len(self.in_flight)
+
+    async def _wait_changed(self, timeout: float) -> bool:
+        assert self._changed is not None
+        self._changed.clear()
+        if timeout <= 0:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+            return True
+        except TimeoutError:
+            return False
 
     def _idle_enough(self, burst: bool, max_idle_time: float | None, idle_since: float) -> bool:
         """Nothing to claim and nothing in flight: does --burst or --max-idle-time end the loop now?"""
-        if len(self.in_flight):
+        if self.in_flight:
             return False
         return burst or (max_idle_time is not None and time.monotonic() - idle_since > max_idle_time)
 
-    def _after_redis_error(self, error: redis.RedisError, failures: int) -> None:
-        """Redis is away, refuses writes, or failed otherwise: wait and try again, however long it takes.
-        Heartbeats lapse meanwhile, so heartbeat first and give the other workers time to do the same
-        before recovery may treat their requests as abandoned."""
+    async def _after_redis_error(self, error: redis.RedisError, failures: int) -> None:
+        """Redis is away or refuses writes: wait and try again, however long it takes. Heartbeats lapse
+        meanwhile, so heartbeat first and give the other workers time to do the same before recovery may
+        treat their requests as abandoned."""
         if redis_errors.passing(error):
             self.log.warning("Worker %s: %s", self.name, redis_errors.describe(error))
         else:
-            self.log.exception("Worker %s: Redis error", self.name)
+            self.log.error("Worker %s: Redis error: %s", self.name, error)
         self.schedule.run_next("heartbeat")
         self.schedule.hold_off(("recover", "orphans"), self.heartbeat_ttl)
-        time.sleep(redis_errors.backoff(failures))
+        await asyncio.sleep(redis_errors.backoff(failures))
 
-    def _bootstrap(self, logging_level: str, date_format: str, log_format: str) -> None:
-        """RQ's bootstrap (register, subscribe), after waiting for Redis if it is away or refusing writes."""
-        failures = 0
-        while True:
-            try:
-                self.bootstrap(logging_level, date_format, log_format)
-                return
-            except redis.RedisError as error:
-                failures += 1
-                self.log.warning("Worker %s: waiting for Redis (%s)", self.name, redis_errors.describe(error))
-                time.sleep(redis_errors.backoff(failures))
+    # -- claiming and forwarding ------------------------------------------------------------------
 
-    # -- claiming ---------------------------------------------------------------------------------
+    async def _claim_async(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
+        """Claims up to `count` requests (plus `adopted`, already popped) in one atomic call."""
+        args, started_at = claiming.claim_args(self, count, adopted)
+        return claiming.claimed(self, await self._claim_script(keys=self._claim_keys, args=args), started_at)
 
     def _claim(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
-        """Claims up to `count` requests (plus `adopted`, already popped) in one atomic call."""
-        started_at = now()
-        clock = time.time()
-        args: list[Any] = [count, repr(clock), utcformat(started_at), repr(clock + self.heartbeat_ttl)]
-        args += [self.heartbeat_ttl, self.name, self.settings.result_ttl]
-        args += [keys.JOB_PREFIX, keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX]
-        args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX]
-        args += [adopted[0] if adopted else 0, adopted[1] if adopted else ""]
-        args += [len(CLAIM_FIELDS) + len(LOG_FIELDS), *CLAIM_FIELDS, *LOG_FIELDS]
-        args += [uuid.uuid4().hex for _ in range(count + (1 if adopted else 0))]
-        claimed = []
-        for queue_index, job_id, execution_id, values in self._claim_script(keys=self._claim_keys, args=args):
-            job = Job(job_id.decode(), connection=self.connection)
-            fields, (attempts, enqueued_at) = values[: len(CLAIM_FIELDS)], values[len(CLAIM_FIELDS) :]
-            job.restore({name: value for name, value in zip(CLAIM_FIELDS, fields, strict=True) if value is not None})
-            job.started_at = started_at
-            execution = Execution(execution_id.decode(), job.id, connection=self.connection, worker_name=self.name)
-            execution._job = job
-            queue = self.queue_keys[queue_index - 1]
-            claimed.append(InFlight(job, queue, execution, int(attempts or 0), enqueued_at and enqueued_at.decode()))
-        self.in_flight.add(claimed)
-        return claimed
+        """The same claim through RQ's synchronous client (tests/test_scripts.py calls it)."""
+        args, started_at = claiming.claim_args(self, count, adopted)
+        script = redis_scripts.register(self.connection, "claim")
+        return claiming.claimed(self, script(keys=self._claim_keys, args=args), started_at)
 
-    def _wait_for_request(self) -> list[InFlight]:
+    async def _wait_for_request(self) -> list[InFlight]:
         """Blocks until a request arrives (BLPOP keeps the queues' priority order), then claims it."""
         timeout = max(0.01, min(self.idle_wait, self.schedule.next_due(self.idle_wait) - time.monotonic()))
-        popped = self.connection.blpop([q.queue for q in self.queue_keys], timeout=timeout)
+        popped = await self._redis.blpop([q.queue for q in self.queue_keys], timeout=timeout)
         if popped is None:
             return []
         key, job_id = popped[0].decode(), popped[1].decode()
         index = next(i for i, q in enumerate(self.queue_keys, start=1) if q.queue == key)
         # Between BLPOP and this claim the id is in no queue; if this process dies right here, the
         # orphan sweep (recovery.py) finds the request and queues it again.
-        return self._claim(0, adopted=(index, job_id))
+        return await self._claim_async(0, adopted=(index, job_id))
 
-    def _attempt(self, item: InFlight) -> Attempt:
-        """One attempt at one request, in a forwarder thread; never raises. Notes its duration and the
-        model's status code on `item`, for the metrics and the log."""
+    async def _forward(self, item: InFlight) -> None:
+        """One attempt, handed to the committer; its duration and the model's status code are noted on
+        `item`, for the metrics and the log."""
         started = time.perf_counter()
-        result = self._attempt_once(item.job)
-        item.forward_seconds, item.model_code = time.perf_counter() - started, metrics.model_status(result)
-        return result
+        result = await self._attempt(item.job)
+        try:
+            item.forward_seconds, item.model_code = time.perf_counter() - started, metrics.model_status(result)
+        finally:  # whatever the metrics make of it, the outcome is recorded
+            self._committer.put(item, result)
 
-    def _attempt_once(self, job: Job) -> Attempt:
+    async def _attempt(self, job: Job) -> Attempt:
+        """One attempt at one request; never raises."""
         try:
             if job.func_name == FORWARD_FUNCTION:
-                return attempt(self.settings, job.id, ModelRequest(*job.args))
-            return Attempt(result=job.perform())  # another job function: run it as RQ would
+                target = self.settings.target_for(job.args[0])
+                request = ModelRequest(*job.args)
+                timeout, limit = self.settings.forward_timeout, self.settings.max_result_bytes
+                return await async_forwarding.send(self._http, target, job.id, request, timeout, limit)
+            # Another job function (say, a webhook delivery): run it as RQ would, in a thread of its own.
+            return Attempt(result=await asyncio.to_thread(job.perform))
         except Exception:
             return Attempt(error=traceback.format_exc(), retryable=True)
 
-    # -- upkeep and heartbeats --------------------------------------------------------------------
+    def _recorded(self, items: list[InFlight]) -> None:
+        """The committer recorded these: their slots are free."""
+        for item in items:
+            self.in_flight.pop(item.job.id, None)
+        assert self._changed is not None
+        self._changed.set()
 
-    def _upkeep(self) -> None:
-        if self.schedule.due("heartbeat", self.heartbeat_interval):
-            self._heartbeat()
-        if self.schedule.due("promote", self.promote_interval):
-            self._promote_due()
-        if self.schedule.due("recover", self.recover_interval):
-            with recovery.exclusive(self.connection, f"recover:{self._queue_set}", self.name) as mine:
-                if mine:
-                    recovery.recover_abandoned(self.connection, self.queue_keys, self._exc_handlers)
-        if self.schedule.due("orphans", self.orphan_interval):
-            with recovery.exclusive(self.connection, f"orphans:{self._queue_set}", self.name) as mine:
-                if mine:
-                    self._orphans.run()
-        if self.schedule.due("sink-trim", self.sink_trim_interval):
-            with recovery.exclusive(self.connection, "sink-trim", self.name) as mine:
-                if mine:
-                    sink_log.trim_expired(self.connection, time.time() - self.settings.result_ttl)
-        if self.schedule.due("callbacks", self.callback_interval):
-            callbacks.run(self.connection, self.settings, self.name)
-        if self.schedule.due("maintenance", self.maintenance_interval):
-            # RQ's own maintenance, which RQ's work loop would run and ours replaces.
-            self.clean_registries()
-            recovery.clean_canceled(self.connection, self.queue_keys)
+    # -- upkeep and heartbeats (RQ's synchronous calls, in the upkeep thread) ---------------------
 
-    def _heartbeat(self) -> None:
-        deadline = time.time() + self.heartbeat_ttl
-        in_flight = self.in_flight.snapshot()
-        with self.connection.pipeline(transaction=False) as pipe:
-            self.heartbeat(pipeline=pipe)
-            self.set_state(WorkerStatus.BUSY if in_flight else WorkerStatus.IDLE, pipeline=pipe)
-            for item in in_flight:
-                # What RQ's Execution.heartbeat refreshes: the StartedJobRegistry entry, the Execution,
-                # and the job's ExecutionRegistry (which the orphan sweep reads), 60 s past the deadline.
-                execution, executions_key = item.execution, keys.EXECUTIONS_REGISTRY_PREFIX + item.job.id
-                pipe.zadd(item.queue.started, {execution.composite_key: deadline}, xx=True)
-                pipe.expire(execution.key, self.heartbeat_ttl)
-                pipe.zadd(executions_key, {execution.id: deadline + 60}, xx=True)
-                pipe.expire(executions_key, self.heartbeat_ttl + 60)
-            pipe.execute()
+    async def _upkeep_loop(self) -> None:
+        assert self._loop is not None
+        failures = 0
+        while True:
+            snapshot = list(self.in_flight.values())
+            try:
+                await self._loop.run_in_executor(self._upkeep_thread, worker_upkeep.upkeep, self, snapshot)
+                failures = 0
+            except redis.RedisError as error:
+                failures += 1
+                await self._after_redis_error(error, failures)
+                continue
+            await asyncio.sleep(max(0.01, min(self.promote_interval, self.schedule.next_due(1) - time.monotonic())))
 
     # -- start and end ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        """Warm shutdown (SIGTERM, first Ctrl+C): stop claiming, finish what is claimed. Unlike RQ's
-        default this never raises inside the loop, so a claim in progress is never lost half-way."""
+        """Warm shutdown (SIGTERM, first Ctrl+C): stop claiming, finish what is claimed. It never raises
+        inside the loop, so a claim in progress is never lost half-way; it wakes the loop at once."""
         self._stop_requested = True
+        if self._loop is not None and self._changed is not None:
+            self._loop.call_soon_threadsafe(self._changed.set)
 
-    def _drain_and_stop(self) -> None:
-        """Lets claimed requests finish and be recorded, heartbeating meanwhile, then ends the threads."""
+    async def _drain(self) -> None:
+        """Lets claimed requests finish and be recorded (heartbeats go on), up to forward_timeout + 10 s."""
+        self._draining = True
         deadline = time.monotonic() + self.settings.forward_timeout + 10
-        while len(self.in_flight) and time.monotonic() < deadline:
-            if not self.in_flight.wait_until_empty(min(self.heartbeat_interval, deadline - time.monotonic())):
-                try:
-                    self._heartbeat()
-                except redis.RedisError:
-                    pass  # recorded outcomes need no heartbeat; the rest are recovered if Redis stays away
-        self._forwarders.stop()
-        self._committer.stop()
-        self._committer.join(timeout=5)
-
-    def _teardown_quietly(self) -> None:
-        try:
-            self.teardown()
-        except redis.RedisError as error:
-            self.log.warning(
-                "Worker %s: Redis unavailable at shutdown (%s); its registration will expire",
-                self.name,
-                redis_errors.describe(error),
-            )
+        while self.in_flight and time.monotonic() < deadline:
+            await self._wait_changed(min(1.0, deadline - time.monotonic()))
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,4 +1,4 @@
-"""What an AsyncQueueWorker runs through RQ's synchronous client, outside its event loop: upkeep and
+"""What a QueueWorker runs through RQ's synchronous client, outside its event loop: upkeep and
 heartbeats (in its one upkeep thread, so a slow Redis call never stalls forwarding), and start and end."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import sink_log
 from inflight import InFlight
 
 if TYPE_CHECKING:
-    from async_worker import AsyncQueueWorker
+    from worker import QueueWorker
 
 
-def upkeep(worker: AsyncQueueWorker, in_flight: list[InFlight]) -> None:
+def upkeep(worker: QueueWorker, in_flight: list[InFlight]) -> None:
     """Whatever of heartbeat, promotion, recovery, sweep, trim, callbacks and maintenance is due now."""
     if worker.schedule.due("heartbeat", worker.heartbeat_interval):
         heartbeat(worker, in_flight)
     if worker._draining:
-        return  # while draining: heartbeats only, as the thread worker does
+        return  # while draining: heartbeats only; what is claimed is finishing, nothing new is taken
     if worker.schedule.due("promote", worker.promote_interval):
         worker._promote_due()
     if worker.schedule.due("recover", worker.recover_interval):
@@ -47,7 +47,7 @@ def upkeep(worker: AsyncQueueWorker, in_flight: list[InFlight]) -> None:
         recovery.clean_canceled(worker.connection, worker.queue_keys)
 
 
-def heartbeat(worker: AsyncQueueWorker, in_flight: list[InFlight]) -> None:
+def heartbeat(worker: QueueWorker, in_flight: list[InFlight]) -> None:
     """The worker's and each claimed request's heartbeat, in one pipeline."""
     deadline = time.time() + worker.heartbeat_ttl
     with worker.connection.pipeline(transaction=False) as pipe:
@@ -64,7 +64,7 @@ def heartbeat(worker: AsyncQueueWorker, in_flight: list[InFlight]) -> None:
         pipe.execute()
 
 
-def bootstrap(worker: AsyncQueueWorker, logging_level: str, date_format: str, log_format: str) -> None:
+def bootstrap(worker: QueueWorker, logging_level: str, date_format: str, log_format: str) -> None:
     """RQ's bootstrap (register, subscribe), after waiting for Redis if it is away or refusing writes."""
     failures = 0
     while True:
@@ -77,7 +77,7 @@ def bootstrap(worker: AsyncQueueWorker, logging_level: str, date_format: str, lo
             time.sleep(redis_errors.backoff(failures))
 
 
-def teardown_quietly(worker: AsyncQueueWorker) -> None:
+def teardown_quietly(worker: QueueWorker) -> None:
     try:
         worker.teardown()
     except redis.RedisError as error:

@@ -138,7 +138,7 @@ def test_prefer_wait_answers_the_record_for_a_fast_model_and_202_for_a_slow_one(
     assert fast.headers["X-Eas-Queueservice-Request-Id"] == fast.json()["request_id"]
     slow = requests.post(
         f"{api.url}/api/predict/svc",
-        params={"delay": "5"},
+        params={"delay": "3"},
         data=b"{}",
         headers={**AUTH, "Prefer": "respond-async, wait=1"},
         timeout=30,

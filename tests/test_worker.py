@@ -1,8 +1,12 @@
 """QueueWorker run in the test process (`work(burst=True)`, as rq's and arq's own tests run their workers)
-against a real redis-server and the real model server: the worker's logic, in milliseconds. The
-process-level and fault tests (test_faults.py) run it the way users start it."""
+against a real redis-server and the real model server: the worker's logic, in milliseconds; and started as
+users start it (`rq worker -w worker.QueueWorker`) for a SIGKILL, a warm shutdown and many in flight. The
+fault tests (test_faults.py) run it against dying models and Redis servers."""
 
 import logging
+import os
+import signal
+import subprocess
 
 import pytest
 import redis
@@ -12,12 +16,15 @@ from rq.job import Job, JobStatus
 
 import keys
 import lifecycle
+import recovery
 from lifecycle import RequestStatus
 from queueing import Enqueuer, Submission
 from recovery import OrphanSweep
 from settings import load_settings
-from tests.conftest import wait_for
+from tests.conftest import BIN, ROOT, wait_for
 from worker import QueueWorker
+
+WORKER_CLASS = "worker.QueueWorker"
 
 
 @pytest.fixture
@@ -86,6 +93,25 @@ def test_a_4xx_fails_at_once_and_a_5xx_waits_for_its_retry(db, model, submit, ru
     assert len(model.requests_for(flaky)) == 2
 
 
+def test_a_slow_model_is_cut_off_at_forward_timeout(db, model, submit, run_worker):
+    slow = submit(query=(("delay", "30"),))
+    run_worker()
+    wait_for(lambda: run_worker() and status(db, slow) == RequestStatus.FAILURE, 30, "the retries to run out")
+    assert lifecycle.read_state(db, slow).error == "the model did not answer within 5s"
+
+
+def test_the_raw_query_and_content_encoding_reach_the_model_byte_for_byte(db, model, settings, run_worker):
+    query, raw = (("x", "?"), ("y", "1")), "x=%ff%fe&y=1"
+    submission = Submission("svc", "a/b", query, "application/json", b"\x1f\x8b..", False, None, None, raw, "gzip")
+    request_id = Enqueuer(db, settings).enqueue(submission).request_id
+    run_worker()
+    [seen] = model.requests_for(request_id)
+    assert seen.raw_query == "x=%ff%fe&y=1"
+    assert seen.path == "/api/predict/svc/a/b"
+    assert seen.headers["Content-Encoding"] == "gzip"
+    assert seen.body == b"\x1f\x8b.."
+
+
 def test_max_jobs_stops_after_that_many(db, submit, run_worker):
     ids = [submit() for _ in range(5)]
     run_worker(max_jobs=2)
@@ -97,6 +123,39 @@ def test_another_job_function_runs_as_rq_would_run_it(db, redis_server, run_work
     job = Queue("default", connection=db).enqueue("builtins.len", "four")
     run_worker()
     assert Job.fetch(job.id, connection=db).return_value() == 4
+
+
+def start_worker(redis_server, model, **settings: str) -> subprocess.Popen:
+    """`rq worker -w worker.QueueWorker high default`, as a user starts it."""
+    env = {**os.environ, "EAS_QUEUE_REDIS_URL": redis_server.url, "EAS_QUEUE_TARGET_API_BASE_URL": model.url}
+    env.update({f"EAS_QUEUE_{k.upper()}": v for k, v in settings.items()})
+    command = [str(BIN / "rq"), "worker", "-w", WORKER_CLASS, "high", "default", "--url", redis_server.url]
+    return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+
+
+def test_a_sigkilled_worker_s_requests_are_retried_by_another(db, redis_server, model, submit):
+    ids = [submit(query=(("delay", "2"),)) for _ in range(20)]
+    first = start_worker(redis_server, model, worker_concurrency="2000", retry_intervals="0")
+    wait_for(lambda: len({r for r in model.ids() if r in ids}) == 20, 20, "every request at the model")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = start_worker(redis_server, model, retry_intervals="0")
+    try:
+        wait_for(lambda: all(status(db, i) == RequestStatus.SUCCESS for i in ids), 60, "every request to succeed")
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+    assert all(lifecycle.read_state(db, i).attempts == 2 for i in ids)  # the killed attempt counts
+
+
+def test_sigterm_finishes_what_is_in_flight(db, redis_server, model, submit):
+    ids = [submit(query=(("delay", "2"),)) for _ in range(40)]
+    worker = start_worker(redis_server, model, worker_concurrency="1000")
+    wait_for(lambda: len({r for r in model.ids() if r in ids}) == 40, 30, "40 requests at the model at once")
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert all(status(db, i) == RequestStatus.SUCCESS for i in ids)
+    assert sorted(model.ids()) == sorted(ids)  # each forwarded once
 
 
 def test_a_stopped_request_leaves_the_open_index(db, redis_server, model, settings, submit, workers):
@@ -118,8 +177,6 @@ def test_a_stopped_request_leaves_the_open_index(db, redis_server, model, settin
 
 def test_a_recovery_lock_that_expired_is_never_freed_for_another_worker(db):
     """A task that outlived its lock (60 s) must not delete the lock another worker has taken since."""
-    import recovery
-
     with recovery.exclusive(db, "test-task", "worker-a") as mine:
         assert mine
         db.delete("eas:lock:test-task")  # as if it expired
