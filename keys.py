@@ -41,7 +41,7 @@ LOCK_PREFIX = "eas:lock:"  # one worker at a time runs each recovery task
 READINESS_PROBE = "eas:readiness-probe"  # written by /readyz
 SINK_LOG_PREFIX = "eas:sink:"  # <prefix><service>: a stream of the service's ended requests, ids 0-<index>
 SINK_INDEXES = "eas:sink-indexes"  # hash: service -> the last sink index given out
-ENDED_CHANNEL = "eas:ended"  # pub/sub: "<service> <index> <request id>" as each request ends
+ENDED_CHANNEL = "eas:ended"  # pub/sub: a line "<service> <index> <request id>" per ended request
 CALLBACK_OUTBOX = "eas:callbacks"  # list: "<service> <index> <id> <url>" per ended request with a callback,
 # until its delivery job is queued (callbacks.py)
 WEBHOOKS_QUEUE = "webhooks"  # RQ queue of webhook deliveries, run by its own QueueWorker

@@ -183,7 +183,11 @@ class EndedNotifier:
             pubsub.close()
 
     def _relay(self, message: dict | None) -> None:
-        """`<service> <index> <request id>`, as lua/*.lua publish it."""
+        """A line `<service> <index> <request id>` per ended request, as lua/*.lua publish them (a worker's
+        batch in one message)."""
         if message is not None:
-            service, _, rest = message["data"].decode("utf-8", "replace").partition(" ")
-            self._wake([f"request:{rest.partition(' ')[2]}", f"service:{service}"])
+            names: set[str] = set()
+            for line in message["data"].decode("utf-8", "replace").splitlines():
+                service, _, rest = line.partition(" ")
+                names.update((f"request:{rest.partition(' ')[2]}", f"service:{service}"))
+            self._wake(list(names))

@@ -240,3 +240,27 @@ def test_another_job_is_recorded_as_rq_would_and_not_shrunk_or_counted(redis_ser
     assert (finished.func_name, finished.args, finished.return_value()) == ("builtins.len", ("four",), 4)
     assert not db.keys("eas:sink:*")
     assert not any(b"forwards|" in field for field in db.hkeys("eas:metrics"))
+
+
+def test_a_batch_is_counted_and_published_once(redis_server, db, settings, enqueue):
+    """A recorded batch adds its metrics up and publishes its ended requests in one message, a line each
+    (`<service> <index> <request id>`), so each API process wakes once per batch, not once per request."""
+    ids = [enqueue() for _ in range(3)]
+    worker = queue_worker(redis_server, settings)
+    items = worker._claim(3)
+    for item in items:
+        item.model_code, item.forward_seconds = "200", 0.25
+    pubsub = db.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.ENDED_CHANNEL)
+    assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
+    recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
+    assert recorder.record([(item, Attempt(result={"status": "success"})) for item in items]) == 0
+    message = pubsub.get_message(timeout=5)
+    assert message is not None and pubsub.get_message(timeout=0.2) is None  # one message for the batch
+    lines = message["data"].decode().splitlines()
+    assert sorted(line.split(" ")[2] for line in lines) == sorted(ids)
+    assert sorted(int(line.split(" ")[1]) for line in lines) == [1, 2, 3]
+    metrics = {k.decode(): v.decode() for k, v in db.hgetall(keys.METRICS).items()}
+    assert metrics["forwards|svc|200"] == "3" and metrics["ended|svc|SUCCESS"] == "3"
+    assert float(metrics["forward_sum|svc"]) == pytest.approx(0.75)
+    pubsub.close()

@@ -1,15 +1,18 @@
 """Each service's sink log (sink_log.py) and waiting at the sink: `_timeout_` long-polls, `requestId`,
 `_raw_`. Real redis-server, gunicorn with gevent, QueueWorker processes, the model server."""
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 import requests
 
 import keys
 import sink_log
 from lifecycle import RequestStatus
+from notifier import EndedNotifier
 from redis_connection import MAX_CONNECTIONS
 from tests.conftest import AUTH
 
@@ -162,3 +165,12 @@ def test_a_garbled_notification_does_not_stop_the_waking_of_clients(api, workers
     workers.start()
     answer = sink(api, {"request_id": request_id, "_timeout_": "20"})
     assert answer.status_code == 200 and answer.json()["status"] == "SUCCESS"
+
+
+def test_one_notification_wakes_the_clients_of_every_request_it_names(redis_server):
+    """A worker publishes a batch's ended requests in one message, a line each (lua/record_outcomes.lua)."""
+    notifier = EndedNotifier(lambda: redis.Redis.from_url(redis_server.url))
+    by_request, by_service, bystander = threading.Event(), threading.Event(), threading.Event()
+    notifier._waiters = {"request:r1": {by_request}, "service:other": {by_service}, "request:r9": {bystander}}
+    notifier._relay({"data": b"svc 1 r1\nother 2 r2"})
+    assert by_request.is_set() and by_service.is_set() and not bystander.is_set()
