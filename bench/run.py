@@ -812,7 +812,7 @@ def drain(stack: Stack, env: dict[str, str], jobs: int, plain: bool, model: subp
             done = client.zcard(finished_key) + client.zcard(failed_key)
             if 0.05 * jobs <= done <= 0.95 * jobs:
                 tree = process_tree()
-                steady.append((done, sum(cpu_seconds(p) for w in workers for p in [w.pid, *descendants(w.pid, tree)])))
+                steady.append((done, sum(cpu_seconds(p) for w in workers for p in descendants(w.pid, tree))))
             if done != last_done:
                 last_done, last_change = done, time.monotonic()
             elif time.monotonic() - last_change > STALL_SECONDS:
@@ -1181,14 +1181,13 @@ def measure_soak(stack: Stack, cfg: Config) -> list[Row]:
     client.flushall()
     env = stack.env(stack.nginx_url)
     workers = start_workers(stack, env, plain=False, burst=False)
-    api_pids = [stack.api_pid, *descendants(stack.api_pid, process_tree())]
+    api_pids = [stack.api_pid]  # rss_bytes adds the processes below it (each counted once)
     try:
         run_wrk(stack, f"{stack.api_url}/api/predict/{SERVICE}", max(1, cfg.soak_seconds // 10))  # warm up
         wait_drained(stack, 0, 60)
         client.flushall()
         before = used_memory(client)
-        tree = process_tree()
-        worker_pids = [pid for w in workers for pid in [w.pid, *descendants(w.pid, tree)]]
+        worker_pids = [w.pid for w in workers]
         rss_start = {"api": rss_bytes(api_pids), "workers": rss_bytes(worker_pids)}
         redis_before = redis_counters(client)
         result = run_wrk(stack, f"{stack.api_url}/api/predict/{SERVICE}", cfg.soak_seconds)
