@@ -35,7 +35,7 @@ def settings(redis_server, model):
             "EAS_QUEUE_TARGET_API_BASE_URL": model.url,
             "EAS_QUEUE_RETRY_INTERVALS": "0,0",
             "EAS_QUEUE_WORKER_CONCURRENCY": "4",
-            "EAS_QUEUE_FORWARD_TIMEOUT": "5",
+            "EAS_QUEUE_FORWARD_TIMEOUT": "2",
         }
     )
 
@@ -97,7 +97,7 @@ def test_a_slow_model_is_cut_off_at_forward_timeout(db, model, submit, run_worke
     slow = submit(query=(("delay", "30"),))
     run_worker()
     wait_for(lambda: run_worker() and status(db, slow) == RequestStatus.FAILURE, 30, "the retries to run out")
-    assert lifecycle.read_state(db, slow).error == "the model did not answer within 5s"
+    assert lifecycle.read_state(db, slow).error == "the model did not answer within 2s"
 
 
 def test_the_raw_query_and_content_encoding_reach_the_model_byte_for_byte(db, model, settings, run_worker):
