@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import redis
+from rq.defaults import UNSERIALIZABLE_RETURN_VALUE_PAYLOAD
 from rq.job import JobStatus
 from rq.results import Result
 from rq.serializers import DefaultSerializer
@@ -23,7 +24,6 @@ from rq.utils import now, utcformat
 import keys
 import logs
 import metrics
-import redis_scripts
 from forwarding import Attempt
 from inflight import InFlight
 from queueing import FORWARD_FUNCTION
@@ -87,16 +87,11 @@ class OutcomeRecorder:
         self, connection: redis.Redis, settings: Settings, worker_name: str, executions_key: str, worker_key: str
     ) -> None:
         self.connection, self.settings, self.worker_name = connection, settings, worker_name
-        self.script = redis_scripts.register(connection, "record_outcomes")
         self.keys = [keys.OPEN_REQUESTS, executions_key, worker_key, keys.METRICS]
 
-    def record(self, batch: list[tuple[InFlight, Attempt]]) -> int:
-        """Records a batch in one atomic call; safe to repeat. Returns how many came too late (recovery had
-        taken their requests from this worker)."""
-        return int(self.script(keys=self.keys, args=self.script_args(batch)))
-
     def script_args(self, batch: list[tuple[InFlight, Attempt]]) -> list[Any]:
-        """lua/record_outcomes.lua's ARGV for a batch (the worker's committer sends them on asyncio; record() here)."""
+        """lua/record_outcomes.lua's ARGV for a batch, whose KEYS are `self.keys` (async_commit.py sends it:
+        one atomic call, safe to repeat)."""
         clock, ended_at = time.time(), now()
         args: list[Any] = [utcformat(ended_at), keys.JOB_PREFIX, keys.RESULTS_PREFIX]
         args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX, FINISHED_JOB_DATA, repr(clock)]
@@ -131,8 +126,11 @@ class OutcomeRecorder:
         result_ttl (a one-entry stream: 560 B instead of 782 B, Redis 7.0). Written here rather than
         through Result(), whose serializer check (a Protocol isinstance) cost 12 us per request."""
         if kind == Result.Type.SUCCESSFUL:
-            value = b64encode(item.job.serializer.dumps(outcome["return_value"])).decode()
-            return {"type": kind.value, "return_value": value}
+            try:
+                value = item.job.serializer.dumps(outcome["return_value"])
+            except Exception:  # as Result.serialize: another job function may return anything
+                value = item.job.serializer.dumps(UNSERIALIZABLE_RETURN_VALUE_PAYLOAD)
+            return {"type": kind.value, "return_value": b64encode(value).decode()}
         return Result(
             item.job.id,
             kind,

@@ -12,6 +12,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.command import send_stop_job_command
+from rq.defaults import UNSERIALIZABLE_RETURN_VALUE_PAYLOAD
 from rq.job import Job, JobStatus
 
 import keys
@@ -184,3 +185,14 @@ def test_a_recovery_lock_that_expired_is_never_freed_for_another_worker(db):
             assert theirs
         db.set("eas:lock:test-task", "worker-c")  # taken by a third worker meanwhile
     assert db.get("eas:lock:test-task") == b"worker-c"  # worker-a's release left it alone
+
+
+def test_an_unserializable_return_value_is_recorded_as_rq_records_it(db, redis_server, run_worker):
+    """Another job function may return what pickle refuses: the job still finishes, its Result says so
+    (RQ's own placeholder), and the rest of the batch is recorded with it."""
+    queue = Queue("default", connection=db)
+    odd, plain = queue.enqueue("builtins.eval", "lambda: 1"), queue.enqueue("builtins.len", "four")
+    run_worker()
+    assert Job.fetch(odd.id, connection=db).get_status() == JobStatus.FINISHED
+    assert Job.fetch(odd.id, connection=db).return_value() == UNSERIALIZABLE_RETURN_VALUE_PAYLOAD
+    assert Job.fetch(plain.id, connection=db).return_value() == 4
