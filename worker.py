@@ -191,7 +191,7 @@ class QueueWorker(BaseWorker):
             if max_jobs is not None:
                 free = min(free, max_jobs - started)
             try:
-                claimed = await self._claim_async(free) if free > 0 else []
+                claimed = await self._claim(free) if free > 0 else []
                 if free > 0 and not claimed:
                     if self._idle_enough(burst, max_idle_time, idle_since):
                         break
@@ -257,16 +257,10 @@ class QueueWorker(BaseWorker):
 
     # -- claiming and forwarding ------------------------------------------------------------------
 
-    async def _claim_async(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
+    async def _claim(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
         """Claims up to `count` requests (plus `adopted`, already popped) in one atomic call."""
         args, started_at = claiming.claim_args(self, count, adopted)
         return claiming.claimed(self, await self._claim_script(keys=self._claim_keys, args=args), started_at)
-
-    def _claim(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
-        """The same claim through RQ's synchronous client (tests/test_scripts.py calls it)."""
-        args, started_at = claiming.claim_args(self, count, adopted)
-        script = redis_scripts.register(self.connection, "claim")
-        return claiming.claimed(self, script(keys=self._claim_keys, args=args), started_at)
 
     async def _wait_for_request(self) -> list[InFlight]:
         """Blocks until a request arrives (BLPOP keeps the queues' priority order), then claims it."""
@@ -278,7 +272,7 @@ class QueueWorker(BaseWorker):
         index = next(i for i, q in enumerate(self.queue_keys, start=1) if q.queue == key)
         # Between BLPOP and this claim the id is in no queue; if this process dies right here, the
         # orphan sweep (recovery.py) finds the request and queues it again.
-        return await self._claim_async(0, adopted=(index, job_id))
+        return await self._claim(0, adopted=(index, job_id))
 
     async def _forward(self, item: InFlight) -> None:
         """One attempt, handed to the committer; its duration and the model's status code are noted on

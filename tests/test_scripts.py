@@ -10,9 +10,11 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.utils import now
 
+import claiming
 import keys
 import redis_scripts
 from forwarding import Attempt
+from inflight import InFlight
 from outcomes import OutcomeRecorder
 from queueing import Enqueuer, Submission
 from settings import load_settings
@@ -48,6 +50,19 @@ def queue_worker(redis_server, settings) -> QueueWorker:
     return QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
 
 
+def claim(worker: QueueWorker, count: int) -> list[InFlight]:
+    """lua/claim.lua as QueueWorker._claim calls it, through the synchronous client."""
+    args, started_at = claiming.claim_args(worker, count, None)
+    script = redis_scripts.register(worker.connection, "claim")
+    return claiming.claimed(worker, script(keys=worker._claim_keys, args=args), started_at)
+
+
+def record(recorder: OutcomeRecorder, batch: list) -> int:
+    """lua/record_outcomes.lua as the committer calls it (async_commit.py): how many came too late."""
+    script = redis_scripts.register(recorder.connection, "record_outcomes")
+    return int(script(keys=recorder.keys, args=recorder.script_args(batch)))
+
+
 def shape(db: redis.Redis, key: str) -> object:
     kind = db.type(key).decode()
     return (kind, sorted(db.hkeys(key))) if kind == "hash" else kind
@@ -77,9 +92,9 @@ def test_claim_takes_high_before_default_and_writes_what_rq_writes(redis_server,
     low, high = enqueue(), enqueue(priority=True)
     worker = queue_worker(redis_server, settings)
     worker.register_birth()
-    [first] = worker._claim(1)
+    [first] = claim(worker, 1)
     assert first.job.id == high
-    [second] = worker._claim(5)
+    [second] = claim(worker, 5)
     assert second.job.id == low
     ours = {
         "job": shape(db, keys.job_key(low)),
@@ -113,7 +128,7 @@ def test_claim_expires_a_request_past_its_deadline_unforwarded(redis_server, db,
     request_id = enqueue(ttl=0.01)
     time.sleep(0.05)  # the deadline itself is what is tested: 10 ms, judged on Redis's clock
     worker = queue_worker(redis_server, settings)
-    assert worker._claim(5) == []
+    assert claim(worker, 5) == []
     assert db.hmget(keys.job_key(request_id), "status", "eas_outcome") == [b"canceled", b"expired"]
     assert db.zscore(keys.queue_keys("default").canceled, request_id) is not None
     assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
@@ -123,10 +138,10 @@ def test_record_writes_what_rq_writes_for_a_success(redis_server, db, settings, 
     request_id = enqueue()
     worker = queue_worker(redis_server, settings)
     worker.register_birth()
-    [item] = worker._claim(1)
+    [item] = claim(worker, 1)
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
     answer = {"status": "success", "body": {"x": 1}}
-    assert recorder.record([(item, Attempt(result=answer))]) == 0
+    assert record(recorder, [(item, Attempt(result=answer))]) == 0
     job = Job.fetch(request_id, connection=db)
     assert job.get_status() == JobStatus.FINISHED
     assert job.return_value() == answer
@@ -163,9 +178,9 @@ def test_record_writes_what_rq_writes_for_a_success(redis_server, db, settings, 
 def test_a_late_outcome_is_dropped_and_a_retry_is_scheduled(redis_server, db, settings, enqueue):
     request_id = enqueue()
     worker = queue_worker(redis_server, settings)
-    [item] = worker._claim(1)
+    [item] = claim(worker, 1)
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
-    assert recorder.record([(item, Attempt(error="the model answered HTTP 503", retryable=True))]) == 0
+    assert record(recorder, [(item, Attempt(error="the model answered HTTP 503", retryable=True))]) == 0
     job = Job.fetch(request_id, connection=db)
     assert job.get_status() == JobStatus.SCHEDULED
     assert job.retries_left == 0
@@ -173,7 +188,7 @@ def test_a_late_outcome_is_dropped_and_a_retry_is_scheduled(redis_server, db, se
     assert retry_at == pytest.approx(time.time() + 7, abs=2)
     assert db.hget(keys.job_key(request_id), "eas_last_error") == b"the model answered HTTP 503"
     # Recording the same attempt again (a retry after a lost reply) changes nothing: it is no longer held.
-    assert recorder.record([(item, Attempt(result={"late": True}))]) == 1
+    assert record(recorder, [(item, Attempt(result={"late": True}))]) == 1
     assert Job.fetch(request_id, connection=db).get_status() == JobStatus.SCHEDULED
 
 
@@ -215,10 +230,10 @@ def test_a_finished_request_keeps_no_body_and_stays_readable(redis_server, db, s
     body = b'{"input": "' + b"x" * 2000 + b'"}'
     done, failed = enqueue(body=body), enqueue(body=body)
     worker = queue_worker(redis_server, settings)
-    items = worker._claim(2)
+    items = claim(worker, 2)
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
     attempts = {done: Attempt(result={"status": "success"}), failed: Attempt(error="HTTP 400", retryable=False)}
-    recorder.record([(item, attempts[item.job.id]) for item in items])
+    record(recorder, [(item, attempts[item.job.id]) for item in items])
     finished = Job.fetch(done, connection=db)
     assert finished.args == () and finished.func_name == "worker.forward"
     assert finished.description == "POST /api/predict/svc"
@@ -233,9 +248,9 @@ def test_another_job_is_recorded_as_rq_would_and_not_shrunk_or_counted(redis_ser
     a request's sink-log entry nor a forward in the metrics."""
     job = Queue("default", connection=db).enqueue("builtins.len", "four")
     worker = queue_worker(redis_server, settings)
-    [item] = worker._claim(1)
+    [item] = claim(worker, 1)
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
-    recorder.record([(item, Attempt(result=4))])
+    record(recorder, [(item, Attempt(result=4))])
     finished = Job.fetch(job.id, connection=db)
     assert (finished.func_name, finished.args, finished.return_value()) == ("builtins.len", ("four",), 4)
     assert not db.keys("eas:sink:*")
@@ -247,14 +262,14 @@ def test_a_batch_is_counted_and_published_once(redis_server, db, settings, enque
     (`<service> <index> <request id>`), so each API process wakes once per batch, not once per request."""
     ids = [enqueue() for _ in range(3)]
     worker = queue_worker(redis_server, settings)
-    items = worker._claim(3)
+    items = claim(worker, 3)
     for item in items:
         item.model_code, item.forward_seconds = "200", 0.25
     pubsub = db.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.ENDED_CHANNEL)
     assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
-    assert recorder.record([(item, Attempt(result={"status": "success"})) for item in items]) == 0
+    assert record(recorder, [(item, Attempt(result={"status": "success"})) for item in items]) == 0
     message = pubsub.get_message(timeout=5)
     assert message is not None and pubsub.get_message(timeout=0.2) is None  # one message for the batch
     lines = message["data"].decode().splitlines()
