@@ -1,4 +1,4 @@
-"""The asyncio worker's committer: records finished attempts in batches, one lua/record_outcomes.lua call
+"""A QueueWorker's committer: records finished attempts in batches, one lua/record_outcomes.lua call
 each, keeping a batch until Redis takes it; only then are the requests' slots freed (and their heartbeats
 stopped)."""
 

@@ -1,4 +1,4 @@
-"""The asyncio worker's Redis client: the same server (or Sentinel master) as RQ's own client, on asyncio.
+"""A QueueWorker's Redis client on asyncio: the same server (or Sentinel master) as RQ's own client, on asyncio.
 
 RQ's CLI makes a synchronous client from `--url` or `--config worker` (a URL, or its SENTINEL dict); the
 worker keeps that one for RQ's own calls (registration, heartbeats, recovery) and makes this one, to the

@@ -18,7 +18,7 @@ class InFlight:
     queue: QueueKeys
     execution: Execution
     # For the metrics and log lines (metrics.py, logs.py): which attempt this is, when the request was
-    # accepted (RQ's timestamp text), and what the attempt took and got (set by the forwarder).
+    # accepted (RQ's timestamp text), and what the attempt took and got (set by QueueWorker._forward).
     attempt: int = 0
     enqueued_at: str | None = None
     forward_seconds: float = 0.0

@@ -7,7 +7,7 @@ header or a body: only those named fields are ever passed, so nothing else can s
 
 Why these are INFO lines on the "eas_queue" logger, formatted only when emitted: the submit line is on the
 API's hot path (bench row 1 measures it; see README, Logs), and a worker writes two lines per request
-from its forwarder and committer threads. In JSON mode the handler sits on the root logger, so RQ's own
+when its committer records the attempt. In JSON mode the handler sits on the root logger, so RQ's own
 worker lines (and gunicorn's, through server.py's `logconfig_dict`) are JSON too and a log shipper can
 parse every line; in text mode RQ and gunicorn keep their own formats.
 """

@@ -187,7 +187,7 @@ class EndedNotifier:
         batch in one message)."""
         if message is not None:
             names: set[str] = set()
-            for line in message["data"].decode("utf-8", "replace").splitlines():
+            for line in message["data"].decode("utf-8", "replace").split("\n"):
                 service, _, rest = line.partition(" ")
                 names.update((f"request:{rest.partition(' ')[2]}", f"service:{service}"))
             self._wake(list(names))

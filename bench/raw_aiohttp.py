@@ -4,8 +4,8 @@ IN_FLIGHT at a time.
     python bench/raw_aiohttp.py URL START_AT SECONDS BODY_FILE [IN_FLIGHT]
 
 As bench/raw_loop.py (same window, same headers, same output): IN_FLIGHT (16) coroutines, each POSTing in
-a loop over one shared aiohttp.ClientSession and reading the answer. The fastest plain Python loop the
-asyncio worker's HTTP client allows, with no queue around it.
+a loop over one shared aiohttp.ClientSession and reading the answer. The fastest plain Python loop
+QueueWorker's HTTP client allows, with no queue around it.
 """
 
 from __future__ import annotations

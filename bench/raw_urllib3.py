@@ -3,8 +3,8 @@
     python bench/raw_urllib3.py URL START_AT SECONDS BODY_FILE
 
 As bench/raw_loop.py (same window, same headers, same output), over a urllib3.PoolManager as
-forwarding.send uses it (no retries, no redirects, the answer read): what the thread worker's HTTP client
-gives with nothing else around it.
+forwarding.send uses it (no retries, no redirects, the answer read): what plain `rq worker`'s HTTP client
+(worker.forward) gives with nothing else around it.
 """
 
 from __future__ import annotations

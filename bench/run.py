@@ -1042,7 +1042,7 @@ def measure_latency(stack: Stack, cfg: Config) -> list[Row]:
     try:
         wait_until(lambda: client.scard("rq:workers") >= WORKERS, 30, "2 QueueWorkers to register", workers[0])
         for _ in range(min(40, cfg.latency_requests)):
-            one()  # warm-up: connections from the forwarding threads to nginx, gunicorn workers
+            one()  # warm-up: the workers' connections to nginx, gunicorn workers
         for repeat in range(cfg.repeats):
             samples = [one() for _ in range(cfg.latency_requests)]
             server = [s for s, _ in samples]

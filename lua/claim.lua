@@ -28,8 +28,9 @@ local clock = redis.call('TIME') -- expiry is judged on Redis's clock, as the AP
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local claimed = {}
 
--- The same steps as in record_outcomes.lua and sink_append.lua: the request's entry in its service's
--- sink log (index = one more than the last), its index on the job, and a notification for waiting clients.
+-- The same steps as in sink_append.lua (and record_outcomes.lua, which counts and notifies once per batch):
+-- the request's entry in its service's sink log (index = one more than the last), its index on the job, and
+-- a notification for waiting clients.
 local function append_to_sink_log(job_key, id, status)
   local service = redis.call('HGET', job_key, 'eas_service')
   if not service then return end

@@ -7,7 +7,9 @@
 -- Each recorded outcome also counts in the metrics hash (metrics.py): its attempt by the model's status
 -- code, the attempt's duration bucket, a retry, and the request's end by outcome. The counts of a batch
 -- are added up first and the ended requests published in one message (a line each), so a batch costs a
--- few commands and one wake-up of each API process instead of several per request.
+-- few commands and one wake-up of each API process instead of several per request. (Should a command
+-- fail half-way, as an OOM can make one, the requests recorded before it keep their records but not their
+-- counts or notification: a waiting client then answers at its `_timeout_`.)
 -- Returns how many outcomes came too late (their request was no longer this worker's).
 local open_requests = KEYS[1]
 local worker_executions = KEYS[2]
@@ -26,9 +28,9 @@ local first_record = 12 -- then per request: 10 values, then its result field/va
 local counts, sums, ended = {}, {}, {} -- the batch's metrics and its ended requests' notification lines
 local function count(field, by) counts[field] = (counts[field] or 0) + by end
 
--- The same steps as in claim.lua and sink_append.lua: the request's entry in its service's sink log
--- (index = one more than the last), its index on the job, and a notification for waiting clients
--- (published with the batch's others, below).
+-- The steps of claim.lua and sink_append.lua, but that the count and the notification wait for the end
+-- of the batch: the request's entry in its service's sink log (index = one more than the last), its
+-- index on the job, its webhook's outbox entry, and a notification line for waiting clients.
 local function append_to_sink_log(job_key, service, id, status)
   local index = redis.call('HINCRBY', sink_indexes, service, 1)
   redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)

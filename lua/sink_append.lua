@@ -1,6 +1,6 @@
 -- Appends one ended request to its service's sink log: used inside the cancel transaction (lifecycle.py).
--- The same steps as in claim.lua and record_outcomes.lua: the entry (index = one more than the last), its
--- index on the job, and a notification for waiting clients. Returns the index (0: no such request).
+-- The same steps as in claim.lua (and record_outcomes.lua, which counts and notifies once per batch): the
+-- entry (index = one more than the last), its index on the job, and a notification for waiting clients. Returns the index (0: no such request).
 local job_key = KEYS[1]
 local sink_indexes = KEYS[2]
 local metrics = KEYS[3] -- the request's end counts there, by outcome (metrics.py)
