@@ -899,7 +899,7 @@ def measure_fast_drains(stack: Stack, cfg: Config) -> list[Row]:
     cpu_with_start: list[float] = []
     for repeat in range(cfg.repeats):
         raw_rates.append(raw_loop(stack, cfg.raw_seconds))
-        urllib3_rates.append(raw_loop(stack, cfg.raw_seconds, "raw_urllib3.py"))
+        urllib3_rates.append(raw_loop(stack, cfg.raw_seconds, "raw_loop.py", "urllib3"))
         aio_rates.append(raw_loop(stack, cfg.raw_seconds, "raw_aiohttp.py", str(RAW_AIOHTTP_IN_FLIGHT)))
         progress(
             f"run {repeat + 1} raw loops: requests {raw_rates[-1]:,.0f}, urllib3 {urllib3_rates[-1]:,.0f}, "
@@ -1095,8 +1095,9 @@ def bare_hash_bytes(stack: Stack, count: int) -> float:
     return per_hash
 
 
-def measure_redis_memory(stack: Stack, cfg: Config) -> Row:
-    row = Row("5. Redis memory per queued 1 KB request (no workers)")
+def memory_per_request(stack: Stack, cfg: Config, row: Row, target: float, drained: bool) -> Row:
+    """Rows 5 and 6: Redis bytes per 1 KB request (queued; or queued then drained by 2 QueueWorkers),
+    beside a bare hash holding the same body, measured in the same run."""
     client = stack.client()
     env = stack.env(stack.nginx_url)
     ours: list[float] = []
@@ -1105,18 +1106,32 @@ def measure_redis_memory(stack: Stack, cfg: Config) -> Row:
         client.flushall()
         before = used_memory(client)
         prefill(stack, env, cfg.memory_requests)
+        if drained:
+            workers = start_workers(stack, env, plain=False, burst=True)
+            try:
+                finished, failed = wait_drained(stack, cfg.memory_requests, 120)
+            finally:
+                for worker in workers:
+                    stack.procs.stop(worker)
+            client.delete(*client.keys("rq:worker*"), *client.keys("rq:clean*"))  # the workers' own keys
+            if finished != cfg.memory_requests or failed:
+                raise BenchError(f"{finished}/{cfg.memory_requests} finished, {failed} failed")
         ours.append((used_memory(client) - before) / cfg.memory_requests)
         bare.append(bare_hash_bytes(stack, cfg.memory_requests))
         row.runs.append(f"run {repeat + 1}: {ours[-1]:,.0f} B per request; bare 1 KB hash {bare[-1]:,.0f} B")
-        progress(f"redis memory {row.runs[-1]}")
+        progress(f"{row.name[:2]} {row.runs[-1]}")
     value = median(ours)
     row.value = human_bytes(value)
-    row.reference = f"target <= 3 KB; bare hash holding 1 KB: {human_bytes(median(bare))}"
-    row.compare = (
-        f"{value / median(bare):.2f}x of bare; {'meets' if value <= REDIS_PER_REQUEST_TARGET else 'MISSES'} target"
-    )
-    row.notes = f"INFO used_memory delta / {cfg.memory_requests} requests via queueing.Enqueuer"
+    row.reference = f"target <= {human_bytes(target)}; bare hash holding 1 KB: {human_bytes(median(bare))}"
+    row.compare = f"{value / median(bare):.2f}x of bare; {'meets' if value <= target else 'MISSES'} target"
+    how = "queued then drained by 2 QueueWorkers" if drained else "via queueing.Enqueuer"
+    row.notes = f"INFO used_memory delta / {cfg.memory_requests} requests, {how}"
     return row
+
+
+def measure_redis_memory(stack: Stack, cfg: Config) -> Row:
+    row = Row("5. Redis memory per queued 1 KB request (no workers)")
+    return memory_per_request(stack, cfg, row, REDIS_PER_REQUEST_TARGET, drained=False)
 
 
 # --- 6. retention, 7. soak, 8. long-polls -----------------------------------------------------------
@@ -1143,33 +1158,7 @@ def wait_drained(stack: Stack, expected: int, seconds: float) -> tuple[int, int]
 
 def measure_retained(stack: Stack, cfg: Config) -> Row:
     row = Row("6. Redis memory kept per finished 1 KB request (small answer)")
-    client = stack.client()
-    env = stack.env(stack.nginx_url)
-    ours: list[float] = []
-    bare: list[float] = []
-    for repeat in range(cfg.repeats):
-        client.flushall()
-        before = used_memory(client)
-        prefill(stack, env, cfg.memory_requests)
-        workers = start_workers(stack, env, plain=False, burst=True)
-        try:
-            finished, failed = wait_drained(stack, cfg.memory_requests, 120)
-        finally:
-            for worker in workers:
-                stack.procs.stop(worker)
-        client.delete(*client.keys("rq:worker*"), *client.keys("rq:clean*"))  # the workers' own keys
-        ours.append((used_memory(client) - before) / cfg.memory_requests)
-        if finished != cfg.memory_requests or failed:
-            raise BenchError(f"{finished}/{cfg.memory_requests} finished, {failed} failed")
-        bare.append(bare_hash_bytes(stack, cfg.memory_requests))
-        row.runs.append(f"run {repeat + 1}: {ours[-1]:,.0f} B per finished request; bare 1 KB hash {bare[-1]:,.0f} B")
-        progress(f"retained {row.runs[-1]}")
-    value = median(ours)
-    row.value = human_bytes(value)
-    row.reference = f"target <= 1.5 KB; bare hash holding 1 KB: {human_bytes(median(bare))}"
-    row.compare = f"{value / median(bare):.2f}x of bare; {'meets' if value <= RETAINED_TARGET else 'MISSES'} target"
-    row.notes = f"INFO used_memory delta / {cfg.memory_requests} requests, queued then drained by 2 QueueWorkers"
-    return row
+    return memory_per_request(stack, cfg, row, RETAINED_TARGET, drained=True)
 
 
 def measure_soak(stack: Stack, cfg: Config) -> list[Row]:
