@@ -28,20 +28,15 @@ local clock = redis.call('TIME') -- expiry is judged on Redis's clock, as the AP
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local claimed = {}
 
--- The same steps as in sink_append.lua (and record_outcomes.lua, which counts and notifies once per batch):
--- the request's entry in its service's sink log (index = one more than the last), its index on the job, and
--- a notification for waiting clients.
+--!include sink_log_append
+
+-- An expired request's entry in its service's sink log, its notification and its count.
 local function append_to_sink_log(job_key, id, status)
   local service = redis.call('HGET', job_key, 'eas_service')
   if not service then return end
-  local index = redis.call('HINCRBY', sink_indexes, service, 1)
-  redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
-  redis.call('HSET', job_key, 'eas_sink_index', index)
-  redis.call('PUBLISH', ended_channel, service .. ' ' .. index .. ' ' .. id)
-  local callback_url = redis.call('HGET', job_key, 'eas_callback_url') -- its webhook's outbox (callbacks.py)
-  if callback_url then
-    redis.call('RPUSH', callback_outbox, service .. ' ' .. index .. ' ' .. id .. ' ' .. callback_url)
-  end
+  local _, line = sink_log_append(job_key, service, id, status, now_unix, sink_indexes, sink_log_prefix,
+                                  callback_outbox)
+  redis.call('PUBLISH', ended_channel, line)
   redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 end
 

@@ -28,18 +28,14 @@ local first_record = 12 -- then per request: 10 values, then its result field/va
 local counts, sums, ended = {}, {}, {} -- the batch's metrics and its ended requests' notification lines
 local function count(field, by) counts[field] = (counts[field] or 0) + by end
 
--- The steps of claim.lua and sink_append.lua, but that the count and the notification wait for the end
--- of the batch: the request's entry in its service's sink log (index = one more than the last), its
--- index on the job, its webhook's outbox entry, and a notification line for waiting clients.
+--!include sink_log_append
+
+-- An ended request's entry in its service's sink log; its notification line and count wait for the end
+-- of the batch.
 local function append_to_sink_log(job_key, service, id, status)
-  local index = redis.call('HINCRBY', sink_indexes, service, 1)
-  redis.call('XADD', sink_log_prefix .. service, '0-' .. index, 'id', id, 'status', status, 'at', now_unix)
-  redis.call('HSET', job_key, 'eas_sink_index', index)
-  ended[#ended + 1] = service .. ' ' .. index .. ' ' .. id
-  local callback_url = redis.call('HGET', job_key, 'eas_callback_url') -- its webhook's outbox (callbacks.py)
-  if callback_url then
-    redis.call('RPUSH', callback_outbox, service .. ' ' .. index .. ' ' .. id .. ' ' .. callback_url)
-  end
+  local _, line = sink_log_append(job_key, service, id, status, now_unix, sink_indexes, sink_log_prefix,
+                                  callback_outbox)
+  ended[#ended + 1] = line
   count('ended|' .. service .. '|' .. status, 1)
 end
 

@@ -74,8 +74,18 @@ def test_no_lua_lives_in_python_strings():
     for module in service_modules:
         assert "redis.call(" not in module.read_text(), module.name
     assert {p.stem for p in redis_scripts.LUA_DIR.glob("*.lua")} == {
-        "enqueue", "claim", "record_outcomes", "promote_due", "requeue_orphan", "sink_append"
+        "enqueue", "claim", "record_outcomes", "promote_due", "requeue_orphan", "sink_append", "sink_log_append"
     }  # fmt: skip
+
+
+def test_the_shared_sink_log_append_is_written_once_and_included_where_named():
+    """One copy of the sink-log steps in lua/; each script that ends requests gets it in place of its
+    include line, and what reaches Redis has no include line left."""
+    shared = redis_scripts.source("sink_log_append")
+    for name in ("claim", "record_outcomes", "sink_append"):
+        script = redis_scripts.source(name)
+        assert shared in script and not redis_scripts.INCLUDE.search(script), name
+        assert "redis.call('XADD', sink_log_prefix" not in (redis_scripts.LUA_DIR / f"{name}.lua").read_text()
 
 
 def test_enqueue_refuses_a_full_queue_and_remembers_keys(db, settings, enqueue):
