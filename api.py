@@ -79,7 +79,8 @@ def submit(service: str, subpath: str = "") -> Response:
     wait = preferred_wait()
     if wait:  # the waiting client's place is taken first: a full server refuses before queuing anything
         with ctx.notifier.client():
-            return answer_when_ended(ctx, enqueue(ctx, submission_from_request(ctx.settings, service, subpath)), wait)
+            request_id = enqueue(ctx, submission_from_request(ctx.settings, service, subpath))
+            return answer_when_ended(ctx, service, request_id, wait)
     request_id = enqueue(ctx, submission_from_request(ctx.settings, service, subpath))
     response = Response(request_id, status=200, mimetype="text/plain")
     response.headers[forwarding.REQUEST_ID_HEADER] = request_id
@@ -107,15 +108,21 @@ def enqueue(ctx: ApiContext, submission: queueing.Submission) -> str:
     return queued.request_id
 
 
-def answer_when_ended(ctx: ApiContext, request_id: str, wait: int) -> Response:
-    """`Prefer: wait=<n>`: 200 with the sink record if the request ends within n seconds, else 202 with its
-    id, as a submit answers without the header. The caller holds a waiting client's place."""
+def wait_until_ended(ctx: ApiContext, service: str, request_id: str, seconds: float) -> lifecycle.RequestState | None:
+    """The request's state once it has ended, read as it ends (notifier.py), or None if it has not ended
+    within `seconds` (or the client went away). The caller holds a waiting client's place."""
 
     def ended() -> lifecycle.RequestState | None:
-        state = lifecycle.read_state(ctx.connection, request_id)
-        return state if state is not None and state.status.ended else None
+        current = known_state(ctx.connection, service, request_id)
+        return current if current.status.ended else None
 
-    state = ctx.notifier.wait_until(ended, wait, request_id=request_id, gone=client_gone)
+    return ctx.notifier.wait_until(ended, seconds, request_id=request_id, gone=client_gone)
+
+
+def answer_when_ended(ctx: ApiContext, service: str, request_id: str, wait: int) -> Response:
+    """`Prefer: wait=<n>`: 200 with the sink record if the request ends within n seconds, else 202 with its
+    id, as a submit answers without the header. The caller holds a waiting client's place."""
+    state = wait_until_ended(ctx, service, request_id, wait)
     response = jsonify(state.record()) if state else Response(request_id, status=202, mimetype="text/plain")
     response.headers[forwarding.REQUEST_ID_HEADER] = request_id
     response.headers["Preference-Applied"] = f"wait={wait}"
@@ -146,13 +153,8 @@ def sink(service: str) -> tuple[Response, int] | Response:
     wait, raw = wait_parameter(), flag_parameter("_raw_")
     state = known_state(ctx.connection, service, request_id)
     if wait and not state.status.ended:
-        # A long-poll: answered the moment the request ends (notifier.py), or when the wait is over.
-        def ended() -> lifecycle.RequestState | None:
-            current = known_state(ctx.connection, service, request_id)
-            return current if current.status.ended else None
-
-        with ctx.notifier.client():
-            state = ctx.notifier.wait_until(ended, wait, request_id=request_id, gone=client_gone) or state
+        with ctx.notifier.client():  # a long-poll: answered the moment the request ends, or when the wait is over
+            state = wait_until_ended(ctx, service, request_id, wait) or state
     if raw:
         return raw_answer(state)
     return jsonify(state.record()), 200 if state.status.ended else 202
@@ -338,10 +340,16 @@ def sink_request_id(allowed: set[str]) -> str:
     unknown = sorted(set(request.args) - allowed)
     if unknown:
         raise ApiError(400, f"unknown query parameter {unknown[0]!r} (here: {', '.join(sorted(allowed))})")
-    request_id = single_parameter("request_id") or single_parameter("requestId")
+    request_id = request_id_parameter()
     if not request_id:
         raise ApiError(400, "request_id query parameter is required")
-    if not queueing.is_request_id(request_id):
+    return request_id
+
+
+def request_id_parameter() -> str | None:
+    """`request_id` (or the EAS SDKs' `requestId`): a lowercase UUID; None when absent."""
+    request_id = single_parameter("request_id") or single_parameter("requestId")
+    if request_id is not None and not queueing.is_request_id(request_id):
         raise ApiError(400, "request_id is not a request id (a lowercase UUID)")
     return request_id
 
@@ -362,12 +370,18 @@ def client_gone() -> bool:
         return True
 
 
-def flag_parameter(name: str) -> bool:
-    """A true/false parameter: `true`/`1` or `false`/`0` (absent: false); anything else is a 400."""
+TRUE_WORDS, FALSE_WORDS = ("true", "1"), ("false", "0")  # any case: the EAS SDKs write true/false
+
+
+def flag_parameter(name: str, default: bool = False) -> bool:
+    """A true/false parameter of any endpoint: `true`/`1` or `false`/`0`, in any case (absent: `default`);
+    anything else is a 400."""
     text = single_parameter(name)
-    if text not in (None, "true", "1", "false", "0"):
+    if text is None:
+        return default
+    if text.lower() not in TRUE_WORDS + FALSE_WORDS:
         raise ApiError(400, f"{name} must be true or false")
-    return text in ("true", "1")
+    return text.lower() in TRUE_WORDS
 
 
 def wait_parameter() -> float:

@@ -39,7 +39,6 @@ import eas_protocol
 import forwarding
 import keys
 import lifecycle
-import queueing
 import redis_errors
 import sink_log
 from errors import ApiError
@@ -56,7 +55,7 @@ WATCH_CHECK = 1.0  # seconds between a full window's checks for commits (they co
 SCAN_CHUNK = 1000  # job hashes read per round trip when counting a service's waiting requests
 SCAN_LIMIT = 10_000  # most requests read per queue to count a service's waiting ones
 
-GET_PARAMETERS = {"_index_", "_length_", "_timeout_", "_raw_", "_auto_delete_", "requestId"}
+GET_PARAMETERS = {"_index_", "_length_", "_timeout_", "_raw_", "_auto_delete_", "requestId", "request_id"}
 WATCH_PARAMETERS = {"_watch_", "_index_", "_window_", "_index_only_", "_auto_commit_"}
 _FRAME_TRIGGERS = ("_index_", "_length_", "_auto_delete_")
 _MODEL_CODE = re.compile(r"the model answered HTTP ([0-9]{3})")
@@ -79,7 +78,7 @@ def handles_sink_get() -> bool:
     args = request.args
     if "_attrs_" in args or "_count_" in args or "_search_" in args:
         return True
-    return args.get("_raw_") == "false" or any(name in args for name in _FRAME_TRIGGERS)
+    return args.get("_raw_", "").lower() in api.FALSE_WORDS or any(name in args for name in _FRAME_TRIGGERS)
 
 
 def handles_sink_delete() -> bool:
@@ -98,15 +97,6 @@ def _only(allowed: set[str], where: str) -> None:
         raise ApiError(400, f"{what}: {name!r} ({where} takes {', '.join(sorted(allowed))})")
 
 
-def _flag(name: str, default: bool) -> bool:
-    text = api.single_parameter(name)
-    if text is None:
-        return default
-    if text.lower() not in ("true", "false"):
-        raise ApiError(400, f"{name} must be true or false")
-    return text.lower() == "true"
-
-
 def _integer(name: str, default: int, minimum: int, maximum: int | None = None) -> int:
     text = api.single_parameter(name)
     if text is None:
@@ -123,13 +113,6 @@ def _indexes() -> list[int]:
     if not all(_NUMBER.fullmatch(p) for p in parts):
         raise ApiError(400, "_indexes_ must be sink indexes (ASCII digits, at most 18) separated by commas, e.g. 3,4")
     return [int(p) for p in parts]
-
-
-def _request_id() -> str | None:
-    request_id = api.single_parameter("requestId")
-    if request_id is not None and not queueing.is_request_id(request_id):
-        raise ApiError(400, "requestId is not a request id (a lowercase UUID)")
-    return request_id
 
 
 # --- frames ---------------------------------------------------------------------------------------------
@@ -200,14 +183,14 @@ class GetParameters:
 
 def _get_parameters() -> GetParameters:
     _only(GET_PARAMETERS, "get")
-    if (api.single_parameter("_raw_") or "false").lower() != "false":
+    if api.flag_parameter("_raw_"):
         raise ApiError(400, "_raw_=true reads one request: use it with requestId alone")
     return GetParameters(
-        request_id=_request_id(),
+        request_id=api.request_id_parameter(),
         index=_integer("_index_", 0, 0),
         length=_integer("_length_", 1, 1, MAX_LENGTH),
         wait=api.wait_parameter(),
-        auto_delete=_flag("_auto_delete_", False),
+        auto_delete=api.flag_parameter("_auto_delete_", False),
     )
 
 
@@ -244,16 +227,8 @@ def _frame_of_request(ctx: api.ApiContext, service: str, params: GetParameters) 
     assert request_id is not None
     state = api.known_state(ctx.connection, service, request_id)
     if not state.status.ended:
-
-        def ended() -> lifecycle.RequestState | None:
-            current = api.known_state(ctx.connection, service, request_id)
-            return current if current.status.ended else None
-
         with ctx.notifier.client():
-            state = (
-                ctx.notifier.wait_until(ended, wait_for(params.wait), request_id=request_id, gone=api.client_gone)
-                or state
-            )
+            state = api.wait_until_ended(ctx, service, request_id, wait_for(params.wait)) or state
     if not state.status.ended:
         return []
     return [frame_for(state.sink_index or 0, state.status, request_id, state, True)]
@@ -365,7 +340,7 @@ def _ok() -> Response:
 def commit(ctx: api.ApiContext, service: str) -> Response:
     """PUT `_indexes_`: these entries are done with; they leave the sink queue."""
     _only({"_indexes_", "_negative_"}, "commit")
-    if _flag("_negative_", False):
+    if api.flag_parameter("_negative_", False):
         raise ApiError(400, "_negative_ (nack) is not supported: an entry stays in the sink queue until committed")
     sink_log.delete(ctx.connection, service, _indexes())
     return _ok()
@@ -378,7 +353,7 @@ def sink_delete(ctx: api.ApiContext, service: str) -> Response:
         sink_log.delete(ctx.connection, service, _indexes())
         return _ok()
     _only({"_index_", "_trunc_"}, "truncate")
-    if not _flag("_trunc_", False) or "_index_" not in request.args:
+    if not api.flag_parameter("_trunc_", False) or "_index_" not in request.args:
         raise ApiError(400, "DELETE on the sink takes request_id (cancel), _indexes_, or _index_ with _trunc_=true")
     sink_log.truncate(ctx.connection, service, _integer("_index_", 0, 0))
     return _ok()
@@ -397,13 +372,13 @@ class WatchParameters:
 
 def _watch_parameters() -> WatchParameters:
     _only(WATCH_PARAMETERS, "watch")
-    if not _flag("_watch_", False):
+    if not api.flag_parameter("_watch_", False):
         raise ApiError(400, "a WebSocket on the sink is a watch: add _watch_=true")
     return WatchParameters(
         index=_integer("_index_", 0, 0),
         window=_integer("_window_", 1, 1, MAX_WINDOW),
-        index_only=_flag("_index_only_", False),
-        auto_commit=_flag("_auto_commit_", False),
+        index_only=api.flag_parameter("_index_only_", False),
+        auto_commit=api.flag_parameter("_auto_commit_", False),
     )
 
 

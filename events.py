@@ -54,7 +54,7 @@ def _first_index(connection: redis.Redis, service: str) -> int:
         raise ApiError(400, f"unknown query parameter {unknown[0]!r} (a stream takes _watch_ and _index_)")
     if any(len(request.args.getlist(name)) > 1 for name in PARAMETERS):
         raise ApiError(400, "_watch_ and _index_ may each be given once")
-    if request.args.get("_watch_") not in ("true", "1"):
+    if not api.flag_parameter("_watch_"):
         raise ApiError(400, "a stream is asked for with _watch_=true")
     last_seen = request.headers.get("Last-Event-ID", "").strip()
     start = request.args.get("_index_")

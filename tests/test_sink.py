@@ -84,3 +84,29 @@ def test_a_request_id_with_a_trailing_newline_is_refused(api, db):
         response = requests.get(f"{api.url}/api/predict/svc/sink?request_id={bad}", headers=AUTH, timeout=5)
         assert response.status_code == 400, bad
         assert response.json()["error"].startswith("request_id is not a request id")
+
+
+def test_flags_read_alike_on_every_sink_path(api, workers, db):
+    """One rule for `_raw_`, `_watch_` and the EAS flags: true/1 or false/0 in any case, else a 400 naming
+    the parameter; and `request_id` or `requestId` names a request on the JSON sink and the EAS get alike."""
+    request_id = api.submit_ok()
+    workers.start()
+    answer_body = api.wait_status(request_id, "SUCCESS")["result"]["body"]
+    sink = f"{api.url}/api/predict/svc/sink"
+    protobuf = {**AUTH, "Accept": "application/vnd.google.protobuf"}
+    for spelling in ("false", "FALSE", "0"):  # the EAS SDK's get: protobuf frames
+        for name in ("requestId", "request_id"):
+            answer = requests.get(sink, params={name: request_id, "_raw_": spelling}, headers=protobuf, timeout=10)
+            assert answer.status_code == 200, (spelling, name, answer.text)
+            assert answer.headers["Content-Type"].startswith("application/vnd.google.protobuf"), (spelling, name)
+    for spelling in ("true", "True", "1"):  # the model's own answer
+        answer = requests.get(sink, params={"request_id": request_id, "_raw_": spelling}, headers=AUTH, timeout=10)
+        assert answer.status_code == 200 and answer.json() == answer_body, spelling
+    for name, value in (("_raw_", "yes"), ("_auto_delete_", "2")):
+        params = {"requestId": request_id, "_raw_": "false", name: value}
+        answer = requests.get(sink, params=params, headers=AUTH, timeout=10)
+        assert answer.status_code == 400 and name in answer.json()["error"], (name, answer.text)
+    with requests.get(
+        sink, params={"_watch_": "TRUE"}, headers={**AUTH, "Accept": "text/event-stream"}, stream=True, timeout=10
+    ) as stream:
+        assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
