@@ -271,6 +271,15 @@ def cancel(connection: redis.Redis, request_id: str, ttl: int) -> CancelOutcome:
                 continue
 
 
+def end_at_sink(connection: redis.Redis, request_id: str, status: RequestStatus) -> None:
+    """Ends a request that RQ itself ended (its recovery failed it): out of the open index, and into its
+    service's sink log, in one transaction."""
+    with connection.pipeline() as pipe:
+        pipe.zrem(keys.OPEN_REQUESTS, request_id)
+        _append_to_sink_log(pipe, request_id, status)
+        pipe.execute()
+
+
 def _append_to_sink_log(pipe: redis.client.Pipeline, request_id: str, status: RequestStatus) -> None:
     """Queues the append of an ended request to its service's sink log (sink_log.py) on `pipe`, inside the
     transaction that ends it."""

@@ -80,9 +80,17 @@ class RetryPromoter:
 
 def recover_abandoned(connection: redis.Redis, queues: list[QueueKeys], exception_handlers: list[Callable]) -> None:
     """RQ's own recovery: a started request whose heartbeat lapsed is retried (if it has retries left) or
-    failed (AbandonedJobError)."""
+    failed (AbandonedJobError). RQ fails it without our steps, so a request it failed is then ended as the
+    worker ends one: its sink-log entry, webhook, count and notification, and out of the open index."""
     for q in queues:
-        StartedJobRegistry(q.name, connection=connection).cleanup(exception_handlers=exception_handlers)
+        registry = StartedJobRegistry(q.name, connection=connection)
+        cutoff = time.time()
+        abandoned = registry.get_expired_job_ids(cutoff)
+        registry.cleanup(timestamp=cutoff, exception_handlers=exception_handlers)
+        for request_id in abandoned:
+            status, sink_index = connection.hmget(keys.job_key(request_id), "status", keys.SINK_INDEX_FIELD)
+            if status == JobStatus.FAILED.value.encode() and sink_index is None:
+                lifecycle.end_at_sink(connection, request_id, lifecycle.RequestStatus.FAILURE)
 
 
 def clean_canceled(connection: redis.Redis, queues: list[QueueKeys]) -> None:

@@ -12,7 +12,9 @@ from rq.utils import now
 
 import claiming
 import keys
+import recovery
 import redis_scripts
+import sink_log
 from forwarding import Attempt
 from inflight import InFlight
 from outcomes import OutcomeRecorder
@@ -288,4 +290,30 @@ def test_a_batch_is_counted_and_published_once(redis_server, db, settings, enque
     metrics = {k.decode(): v.decode() for k, v in db.hgetall(keys.METRICS).items()}
     assert metrics["forwards|svc|200"] == "3" and metrics["ended|svc|SUCCESS"] == "3"
     assert float(metrics["forward_sum|svc"]) == pytest.approx(0.75)
+    pubsub.close()
+
+
+def test_a_request_recovery_fails_for_good_ends_at_the_sink_like_any_other(redis_server, db, settings, enqueue):
+    """RQ's StartedJobRegistry.cleanup fails a request abandoned on its last attempt without our steps;
+    recovery then gives it its sink-log entry, its count and its notification, and closes it."""
+    request_id = enqueue()
+    db.hset(keys.job_key(request_id), "retries_left", 0)
+    worker = queue_worker(redis_server, settings)
+    [item] = claim(worker, 1)
+    started = keys.queue_keys("default").started
+    db.zadd(started, {f"{request_id}:{item.execution.id}": time.time() - 60})  # its heartbeat lapsed
+    pubsub = db.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.ENDED_CHANNEL)
+    assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
+    recovery.recover_abandoned(db, [keys.queue_keys("default")], [])
+    assert Job.fetch(request_id, connection=db).get_status() == JobStatus.FAILED
+    [entry] = sink_log.read(db, "svc", 0, 10)
+    assert (entry.request_id, entry.status) == (request_id, "FAILURE")
+    assert db.hget(keys.job_key(request_id), keys.SINK_INDEX_FIELD) == str(entry.index).encode()
+    message = pubsub.get_message(timeout=5)
+    assert message is not None and message["data"].decode() == f"svc {entry.index} {request_id}"
+    assert db.hget(keys.METRICS, "ended|svc|FAILURE") == b"1"
+    assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
+    recovery.recover_abandoned(db, [keys.queue_keys("default")], [])  # once only
+    assert len(sink_log.read(db, "svc", 0, 10)) == 1
     pubsub.close()
