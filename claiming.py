@@ -15,7 +15,7 @@ import keys
 from inflight import InFlight
 
 if TYPE_CHECKING:
-    from worker import QueueWorker
+    from queue_worker import QueueWorker
 
 # The job fields lua/claim.lua returns: only what forwarding and recording need (parsing RQ's four
 # timestamps per job cost more than forwarding it).

@@ -17,7 +17,7 @@ import sink_log
 from inflight import InFlight
 
 if TYPE_CHECKING:
-    from worker import QueueWorker
+    from queue_worker import QueueWorker
 
 
 def upkeep(worker: QueueWorker, in_flight: list[InFlight]) -> None:
