@@ -102,7 +102,6 @@ FILE = read_schema(SCHEMA.read_text())
 _CLASSES = _message_classes(FILE)
 DataFrameProto = _CLASSES["DataFrameProto"]
 DataFrameListProto = _CLASSES["DataFrameListProto"]
-AttributesProto = _CLASSES["AttributesProto"]
 
 
 def frame(index: int, tags: dict[str, str], data: bytes, message: str) -> Any:

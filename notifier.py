@@ -68,6 +68,7 @@ class EndedNotifier:
             if self._clients >= self.max_clients:
                 raise Busy(f"this server holds {self.max_clients} waiting clients already")
             self._clients += 1
+        WAITING_CLIENTS.inc()  # the metric counts what max_clients caps
         released = threading.Event()
 
         def release() -> None:
@@ -75,6 +76,7 @@ class EndedNotifier:
                 if not released.is_set():
                     released.set()
                     self._clients -= 1
+                    WAITING_CLIENTS.dec()
 
         return release
 
@@ -106,7 +108,6 @@ class EndedNotifier:
         topics = [f"request:{request_id}"] if request_id else []
         topics += [f"service:{service}"] if service else []
         self._register(topics, event)
-        WAITING_CLIENTS.inc()
         try:
             deadline = time.monotonic() + timeout
             # Registered before this first check, so an end published between it and the wait still wakes us.
@@ -122,7 +123,6 @@ class EndedNotifier:
                     return None
             return value
         finally:
-            WAITING_CLIENTS.dec()
             self._unregister(topics, event)
 
     def _register(self, topics: list[str], event: threading.Event) -> None:

@@ -7,7 +7,7 @@ lua/claim.lua for an expiry, lua/sink_append.lua for a cancel), and each append 
 `eas:ended` for waiting clients (notifier.py). This is what the EAS SDK's `get`/`watch` and Server-Sent
 Events (events.py) read; webhooks have their own outbox, written in the same step (callbacks.py).
 Removing an entry (commit, delete, truncate) does not delete the request: the JSON sink answers for it
-until `result_ttl`. Entries older than `result_ttl` are trimmed by the workers' upkeep (worker.py).
+until `result_ttl`. Entries older than `result_ttl` are trimmed by the workers' upkeep (worker_upkeep.py).
 
 Under plain `rq worker`, RQ records outcomes itself and nothing is appended: the sink log needs QueueWorker.
 """
