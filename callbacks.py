@@ -17,13 +17,13 @@ RQ jobs by the workers' upkeep.
 from __future__ import annotations
 
 import logging
-import time
 
 import redis
 from rq.job import Retry
 from rq.queue import Queue
 
 import keys
+import lifecycle
 import recovery
 import webhooks
 from queueing import JOB_TIMEOUT_MARGIN  # beyond callback_timeout: RQ's hard kill
@@ -65,6 +65,7 @@ def enqueue(queue: Queue, settings: Settings, retry: Retry | None, entry: bytes)
         try:
             pipe.watch(job_key)
             queued = not pipe.exists(job_key)
+            opened_at = lifecycle.clock_seconds(pipe.time())  # the open index's clock: Redis's
             pipe.multi()
             if queued:
                 queue.enqueue_call(
@@ -80,7 +81,7 @@ def enqueue(queue: Queue, settings: Settings, retry: Retry | None, entry: bytes)
                 )
                 # Indexed as open like a request, so the crash sweep of a worker that runs `webhooks` finds a
                 # delivery that a worker killed between BLPOP and its claim left in no queue.
-                pipe.zadd(keys.OPEN_REQUESTS, {job_id: time.time()})
+                pipe.zadd(keys.OPEN_REQUESTS, {job_id: opened_at})
             pipe.lrem(keys.CALLBACK_OUTBOX, 1, entry)
             pipe.execute()
         except redis.WatchError:
