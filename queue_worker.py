@@ -256,6 +256,13 @@ class QueueWorker(BaseWorker):
                 failures += 1
                 await self._after_redis_error(error, failures)
                 continue
+            except Exception:
+                # A failing step (RQ's cleanup, a callback) must not end this task: without it the requests
+                # this worker holds get no heartbeats, and recovery would take them from it.
+                failures += 1
+                self.log.exception("Worker %s: upkeep failed; trying again", self.name)
+                await asyncio.sleep(redis_errors.backoff(failures))
+                continue
             await asyncio.sleep(max(0.01, min(self.promote_interval, self.schedule.next_due(1) - time.monotonic())))
 
     # -- start and end ----------------------------------------------------------------------------

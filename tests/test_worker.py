@@ -18,6 +18,7 @@ from rq.job import Job, JobStatus
 import keys
 import lifecycle
 import recovery
+import worker_upkeep
 from lifecycle import RequestStatus
 from queueing import Enqueuer, Submission
 from recovery import OrphanSweep
@@ -196,3 +197,22 @@ def test_an_unserializable_return_value_is_recorded_as_rq_records_it(db, redis_s
     assert Job.fetch(odd.id, connection=db).get_status() == JobStatus.FINISHED
     assert Job.fetch(odd.id, connection=db).return_value() == UNSERIALIZABLE_RETURN_VALUE_PAYLOAD
     assert Job.fetch(plain.id, connection=db).return_value() == 4
+
+
+def test_a_failing_upkeep_step_is_logged_and_upkeep_goes_on(db, submit, run_worker, monkeypatch, caplog):
+    """Upkeep runs RQ's own calls in a helper thread; one that raises must not end the upkeep task, which
+    also heartbeats the requests in flight (without it, recovery would take them from this worker)."""
+    real, calls = worker_upkeep.upkeep, []
+
+    def failing_once(worker: QueueWorker, in_flight: list) -> None:
+        calls.append(len(in_flight))
+        if len(calls) == 1:
+            raise ValueError("a bug in one upkeep step")
+        real(worker, in_flight)
+
+    monkeypatch.setattr(worker_upkeep, "upkeep", failing_once)
+    request_id = submit(query=(("delay", "1.5"),))
+    run_worker()
+    assert status(db, request_id) == RequestStatus.SUCCESS
+    assert len(calls) > 1  # upkeep went on after the failure
+    assert "upkeep failed" in caplog.text and "a bug in one upkeep step" in caplog.text
