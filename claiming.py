@@ -34,7 +34,9 @@ def claim_args(worker: QueueWorker, count: int, adopted: tuple[int, str] | None)
     args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX]
     args += [adopted[0] if adopted else 0, adopted[1] if adopted else ""]
     args += [len(CLAIM_FIELDS) + len(LOG_FIELDS), *CLAIM_FIELDS, *LOG_FIELDS]
-    args += [uuid.uuid4().hex for _ in range(count + (1 if adopted else 0))]
+    # One random prefix per call, not a uuid per free slot: a claim at concurrency 1,000 that finds one
+    # request would otherwise make and send 1,000 ids. Ids stay 32 hex digits, unique per call and prefix.
+    args.append(uuid.uuid4().hex[:24])
     return args, started_at
 
 

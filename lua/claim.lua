@@ -22,7 +22,8 @@ local adopted_queue = tonumber(ARGV[15]) -- a request this worker popped with BL
 local adopted_id = ARGV[16]
 local field_count = tonumber(ARGV[17])
 local fields = {unpack(ARGV, 18, 17 + field_count)}
-local next_execution_id = 18 + field_count -- ARGV[next_execution_id..]: fresh execution ids
+local execution_prefix_id = ARGV[18 + field_count] -- 24 random hex digits; each execution adds 8 more
+local executions_started = 0
 
 local clock = redis.call('TIME') -- expiry is judged on Redis's clock, as the API and the sink judge it
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -49,8 +50,8 @@ local function expire(job_key, id, canceled_registry)
 end
 
 local function start(job_key, id, started_registry)
-  local execution_id = ARGV[next_execution_id]
-  next_execution_id = next_execution_id + 1
+  executions_started = executions_started + 1
+  local execution_id = execution_prefix_id .. string.format('%08x', executions_started)
   local composite = id .. ':' .. execution_id
   redis.call('HSET', job_key, 'status', 'started', 'started_at', now_text, 'last_heartbeat', now_text,
              'worker_name', worker_name)

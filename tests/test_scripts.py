@@ -317,3 +317,13 @@ def test_a_request_recovery_fails_for_good_ends_at_the_sink_like_any_other(redis
     recovery.recover_abandoned(db, [keys.queue_keys("default")], [])  # once only
     assert len(sink_log.read(db, "svc", 0, 10)) == 1
     pubsub.close()
+
+
+def test_claimed_executions_get_distinct_ids_of_rqs_shape(redis_server, db, settings, enqueue):
+    """One random prefix per claim call, a counter per execution: 32 hex digits, as RQ's uuid4().hex."""
+    for _ in range(4):
+        enqueue()
+    worker = queue_worker(redis_server, settings)
+    ids = [item.execution.id for item in claim(worker, 3) + claim(worker, 3)]
+    assert len(ids) == len(set(ids)) == 4
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
