@@ -193,9 +193,11 @@ def list_workers(instance_number: int) -> Response:
 def add_dashboard(app: Flask, settings: Settings, connection: redis.Redis | None = None) -> None:
     """Mounts rq-dashboard at /rq with the changes the module docstring lists, behind Basic auth.
     `connection` (default: one made from the settings) serves every dashboard request."""
-    app.config["RQ_DASHBOARD_REDIS_URL"] = settings.redis_url
+    # rq-dashboard's setup_rq_connection would also open a client with its own URL parser, which refuses
+    # Sentinel URLs with IPv6 hosts that settings accept; only its config step is wanted.
+    rq_dashboard.web.upgrade_config(app)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = (settings.redis_url,)
     app.config["RQ_DASHBOARD_SHOW_FULL_ARGS"] = False  # the full call string holds the request body
-    rq_dashboard.web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
     # rq-dashboard opens a client of its own per request (push_rq_connection), without timeouts and
     # reading the URL its own way; one client made as the API's is (redis_connection.py) serves instead.

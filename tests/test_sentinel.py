@@ -197,3 +197,14 @@ def test_a_master_demoted_by_a_failover_is_left_for_the_new_one(sentinel_setup, 
         f"{twice} of 8 requests in flight forwarded twice",
         file=sys.stderr,
     )
+
+
+def test_the_app_starts_with_a_sentinel_url_naming_ipv6_sentinels():
+    """Settings accept `[::1]:26379` in a Sentinel URL; the dashboard's own URL parser did not, and the app
+    failed to start. Nothing connects at start, so no sentinel needs to answer."""
+    import eas_queue
+    from settings import load_settings
+
+    url = "redis+sentinel://:pw@[::1]:26379,10.0.0.2:26379/eas/0"
+    app = eas_queue.create_app(load_settings({"EAS_QUEUE_REDIS_URL": url}))
+    assert app.config["RQ_DASHBOARD_REDIS_URL"] == (url,)
