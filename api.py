@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass
 from typing import NoReturn
 
+import gunicorn.http.errors
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.routing import PathConverter
@@ -154,7 +155,7 @@ def sink(service: str) -> tuple[Response, int] | Response:
     state = known_state(ctx.connection, service, request_id)
     if wait and not state.status.ended:
         with ctx.notifier.client():  # a long-poll: answered the moment the request ends, or when the wait is over
-            state = wait_until_ended(ctx, service, request_id, wait) or state
+            state = wait_until_ended(ctx, service, request_id, wait) or known_state(ctx.connection, service, request_id)
     if raw:
         return raw_answer(state)
     return jsonify(state.record()), 200 if state.status.ended else 202
@@ -310,6 +311,8 @@ def read_body(limit: int) -> bytes:
         return _read_body(limit)
     except TimeoutError:
         raise ApiError(408, f"no part of the body arrived for {BODY_IDLE_TIMEOUT:g} seconds") from None
+    except gunicorn.http.errors.ParseException as error:  # a malformed chunked body: the stream is unusable
+        raise ApiError(400, f"malformed body: {type(error).__name__}") from None  # gunicorn then closes
     finally:
         sock.settimeout(previous)
 
@@ -398,6 +401,9 @@ def wait_parameter() -> float:
     return seconds
 
 
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?")
+
+
 def raw_answer(state: lifecycle.RequestState) -> tuple[Response, int] | Response:
     """`_raw_=true`: the model's own status code, content type and body once the request succeeded; 202
     and no body until it ends; the JSON record for a request that ended otherwise."""
@@ -407,7 +413,10 @@ def raw_answer(state: lifecycle.RequestState) -> tuple[Response, int] | Response
         # (a model that echoes its input would let a client plant script), nor with a status that is not an
         # answer's (a 1xx would confuse a proxy in front).
         response = Response(body, status=code if 200 <= code < 600 else 502)
-        response.headers["Content-Type"] = content_type or "application/octet-stream"
+        # A model's Content-Type that is no valid header value (control or non-ASCII characters) is not sent.
+        response.headers["Content-Type"] = (
+            content_type if _HEADER_VALUE.fullmatch(content_type) else "application/octet-stream"
+        )
         response.headers.update(RAW_ANSWER_HEADERS)
     elif state.status.ended:
         response = jsonify(state.record())

@@ -143,10 +143,10 @@ def _shown_answer(status_code: int, content_type: str, body: bytes) -> dict[str,
     answer: dict[str, Any] = {"status": "success", "target_status_code": status_code, "content_type": content_type}
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        try:
-            answer.update(body=json.loads(body), body_encoding="json")
+        try:  # JSON that any client's parser takes: not nested past Python's limit, no NaN or Infinity
+            answer.update(body=json.loads(body, parse_constant=_refuse_constant), body_encoding="json")
             return answer
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     if not body or media_type.startswith("text/") or "charset=" in content_type.lower() or not media_type:
         try:
@@ -158,6 +158,10 @@ def _shown_answer(status_code: int, content_type: str, body: bytes) -> dict[str,
     return answer
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON every parser reads")
+
+
 def decode_answer(answer: dict[str, Any]) -> tuple[int, str, bytes]:
     """The model's status code, content type and body bytes back from what encode_answer stored. A small
     JSON answer is written out again compactly: the same JSON value, whitespace may differ from the model's."""
@@ -165,7 +169,10 @@ def decode_answer(answer: dict[str, Any]) -> tuple[int, str, bytes]:
     if "body_zlib" in answer:
         data = zlib.decompress(base64.b64decode(answer["body_zlib"]))  # exactly the model's bytes
     elif encoding == "json":
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate (`"\ud800"`) has no UTF-8: the same value, escaped
+            data = json.dumps(body, separators=(",", ":")).encode()
     elif encoding == "base64":
         data = base64.b64decode(body or "")
     else:

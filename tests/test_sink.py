@@ -110,3 +110,62 @@ def test_flags_read_alike_on_every_sink_path(api, workers, db):
         sink, params={"_watch_": "TRUE"}, headers={**AUTH, "Accept": "text/event-stream"}, stream=True, timeout=10
     ) as stream:
         assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+
+
+def test_hostile_model_answers_never_give_the_sink_a_500(api, workers, db):
+    """What an attack on the running stack found: JSON nested past Python's limit, NaN, a lone surrogate
+    and a Content-Type that is no header value. The JSON record stays valid JSON any parser reads; the raw
+    answer gives the model's bytes (a bad Content-Type becomes application/octet-stream)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = {
+        "deep": (deep.encode(), "application/json"),
+        "nan": (b'{"a": NaN}', "application/json"),
+        "surrogate": (b'{"a": "\\ud800"}', "application/json"),
+        "control": (b"hi", "text/plain\x01"),
+    }
+    ids = {
+        name: api.submit_ok(params={"echo": "1"}, body=body, headers={"Content-Type": content_type})
+        for name, (body, content_type) in cases.items()
+        if name != "control"
+    }
+    ids["control"] = api.submit_ok(params={"answer": "hi", "content_type": "text/plain\x01"})
+    workers.start()
+    for name, request_id in ids.items():
+        record = api.wait_status(request_id, "SUCCESS")
+        assert record["result"]["body_encoding"] != "json" or name == "surrogate", name
+        strict = requests.get(f"{api.url}/api/predict/svc/sink", params={"request_id": request_id}, headers=AUTH)
+        assert strict.status_code == 200 and "NaN" not in strict.text, name
+        raw = requests.get(
+            f"{api.url}/api/predict/svc/sink", params={"request_id": request_id, "_raw_": "true"}, headers=AUTH
+        )
+        assert raw.status_code == 200, (name, raw.text[:200])
+    assert raw.headers["Content-Type"] == "application/octet-stream"  # the control character's
+
+
+def test_a_malformed_chunked_body_is_a_400_that_closes_the_connection(api, db):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        head = f"POST /api/predict/svc HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+        sock.sendall(
+            (
+                head + "Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 400 " in status_line and b"malformed body" in rest  # and the server closed it: recv() ended
+    assert db.llen("rq:queue:default") == 0
+
+
+def test_a_long_poll_that_runs_out_answers_the_state_of_that_moment(api, workers, db):
+    request_id = api.submit_ok(params={"status": "503", "delay": "0.5"})
+    workers.start()
+    api.wait_status(request_id, "STARTED")
+    answer = requests.get(
+        f"{api.url}/api/predict/svc/sink", params={"request_id": request_id, "_timeout_": "3"}, headers=AUTH, timeout=30
+    )
+    assert answer.status_code == 202
+    assert answer.json()["status"] in ("RETRY", "PENDING", "STARTED") and answer.json()["attempts"] >= 2
