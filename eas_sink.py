@@ -17,7 +17,6 @@ import base64
 import binascii
 import logging
 import re
-import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -495,18 +494,10 @@ class Watch:
     def _next_entries(self, count: int) -> list[sink_log.SinkEntry]:
         """The next entries, waiting up to WATCH_IDLE for one. Redis is read when the wait begins (the
         notifier has registered us by then, so nothing that ends later is missed) and each time a request
-        of the service ends; not when the wait merely runs out, since the next wait begins with a read: an
-        idle watcher costs one read per WATCH_IDLE."""
-        connection = self.ctx.connection
-        deadline = time.monotonic() + WATCH_IDLE
-        first = True
+        of the service ends: an idle watcher costs one read per WATCH_IDLE."""
 
         def ready() -> list[sink_log.SinkEntry] | None:
-            nonlocal first
-            if not first and time.monotonic() >= deadline:
-                return None
-            first = False
-            return sink_log.read(connection, self.service, self.next_index, count) or None
+            return sink_log.read(self.ctx.connection, self.service, self.next_index, count) or None
 
         return self.ctx.notifier.wait_until(ready, WATCH_IDLE, service=self.service) or []
 

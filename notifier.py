@@ -100,9 +100,10 @@ class EndedNotifier:
         gone: Callable[[], bool] | None = None,
     ) -> T | None:
         """Calls `ready()` until it returns something other than None, waking when `request_id` (or any
-        request of `service`) ends, for at most `timeout` seconds; returns its last value. `gone()` is asked
-        every GONE_CHECK seconds meanwhile: a client that has gone away gives its place back at once, not
-        when its wait runs out (ready() is not called for that: an idle wait costs Redis nothing)."""
+        request of `service`) ends, for at most `timeout` seconds; returns that, or None if it was not ready
+        in time. `gone()` is asked every GONE_CHECK seconds meanwhile: a client that has gone away gives its
+        place back at once, not when its wait runs out (ready() is not called for that, nor when the wait
+        runs out unwoken: an idle wait costs Redis nothing)."""
         self._listen()
         event = threading.Event()
         topics = [f"request:{request_id}"] if request_id else []
@@ -114,8 +115,8 @@ class EndedNotifier:
             value = self._read(ready)
             while value is None:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return self._read(ready)
+                if left <= 0:  # read again only if woken meanwhile: an idle wait costs Redis nothing
+                    return self._read(ready) if event.is_set() else None
                 if event.wait(min(left, GONE_CHECK) if gone else left):
                     event.clear()
                     value = self._read(ready)
