@@ -51,7 +51,7 @@ class Outcome:
         """This outcome's record in lua/record_outcomes.lua's ARGV."""
         result = self.result or {}
         retries = "" if self.retries_left is None else self.retries_left
-        args = [self.status.value, item.job.id, item.execution.id, item.queue.started, self.registry, self.score]
+        args = [self.status.value, item.id, item.execution_id, item.queue.started, self.registry, self.score]
         args += [self.ttl, self.last_error, retries, len(result)]
         args += [item.model_code, repr(item.forward_seconds), metrics.bucket_label(item.forward_seconds)]
         for pair in result.items():
@@ -63,7 +63,7 @@ def sink_status(item: InFlight, attempt: Attempt) -> str:
     """What the sink says after this attempt is recorded, by OutcomeRecorder.decide's rule (for the log)."""
     if attempt.result is not None:
         return "SUCCESS"
-    return "RETRY" if attempt.retryable and item.job.retries_left else "FAILURE"
+    return "RETRY" if attempt.retryable and item.retries_left else "FAILURE"
 
 
 def log_recorded(batch: list[tuple[InFlight, Attempt]]) -> None:
@@ -73,11 +73,11 @@ def log_recorded(batch: list[tuple[InFlight, Attempt]]) -> None:
         return
     clock = time.time()
     for item, attempt in batch:
-        job, priority = item.job, item.queue.name
-        service = job.args[0] if job.func_name == FORWARD_FUNCTION and job.args else ""
-        logs.event("attempt", job.id, service, priority, item.attempt, item.model_code, item.forward_seconds)
+        priority = item.queue.name
+        service = item.args[0] if item.func_name == FORWARD_FUNCTION and item.args else ""
+        logs.event("attempt", item.id, service, priority, item.attempt, item.model_code, item.forward_seconds)
         waited = clock - datetime.fromisoformat(item.enqueued_at).timestamp() if item.enqueued_at else 0.0
-        logs.event("outcome", job.id, service, priority, item.attempt, sink_status(item, attempt), waited)
+        logs.event("outcome", item.id, service, priority, item.attempt, sink_status(item, attempt), waited)
 
 
 class OutcomeRecorder:
@@ -102,18 +102,17 @@ class OutcomeRecorder:
 
     def decide(self, item: InFlight, attempt: Attempt, clock: float, ended_at: datetime) -> Outcome:
         """What RQ's worker would record for a success, a retry and a failure."""
-        job = item.job
         if attempt.result is not None:
-            ttl = job.result_ttl or self.settings.result_ttl
+            ttl = item.result_ttl or self.settings.result_ttl
             result = self._result(item, Result.Type.SUCCESSFUL, ended_at, return_value=attempt.result)
             return Outcome(JobStatus.FINISHED, item.queue.finished, clock + ttl, ttl, result=result)
         error = (attempt.error or "failed").strip()
         last_error = error.splitlines()[-1]
-        if attempt.retryable and job.retries_left:
+        if attempt.retryable and item.retries_left:
             # RQ's retry: wait the next of retry_intervals in the ScheduledJobRegistry.
-            retry_at = clock + job.get_retry_interval()
-            return Outcome(JobStatus.SCHEDULED, item.queue.scheduled, retry_at, 0, last_error, job.retries_left - 1)
-        ttl = job.failure_ttl or self.settings.failure_ttl
+            retry_at = clock + item.retry_interval()
+            return Outcome(JobStatus.SCHEDULED, item.queue.scheduled, retry_at, 0, last_error, item.retries_left - 1)
+        ttl = item.failure_ttl or self.settings.failure_ttl
         result = self._result(item, Result.Type.FAILED, ended_at, exc_string=error)
         return Outcome(JobStatus.FAILED, item.queue.failed, clock + ttl, ttl, last_error, result=result)
 
@@ -127,18 +126,18 @@ class OutcomeRecorder:
         through Result(), whose serializer check (a Protocol isinstance) cost 12 us per request."""
         if kind == Result.Type.SUCCESSFUL:
             try:
-                value = item.job.serializer.dumps(outcome["return_value"])
+                value = DefaultSerializer.dumps(outcome["return_value"])
             except Exception:  # as Result.serialize: another job function may return anything
-                value = item.job.serializer.dumps(UNSERIALIZABLE_RETURN_VALUE_PAYLOAD)
+                value = DefaultSerializer.dumps(UNSERIALIZABLE_RETURN_VALUE_PAYLOAD)
             return {"type": kind.value, "return_value": b64encode(value).decode()}
         return Result(
-            item.job.id,
+            item.id,
             kind,
             self.connection,
             worker_name=self.worker_name,
-            serializer=item.job.serializer,
-            execution_id=item.execution.id,
-            execution_started_at=item.execution.created_at,
+            serializer=DefaultSerializer,
+            execution_id=item.execution_id,
+            execution_started_at=item.started_at,
             execution_ended_at=ended_at,
             **outcome,
         ).serialize()

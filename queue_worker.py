@@ -216,29 +216,33 @@ class QueueWorker(BaseWorker):
         """One attempt, handed to the committer; its duration and the model's status code are noted on
         `item`, for the metrics and the log."""
         started = time.perf_counter()
-        result = await self._attempt(item.job)
+        result = await self._attempt(item)
         try:
             item.forward_seconds, item.model_code = time.perf_counter() - started, metrics.model_status(result)
         finally:  # whatever the metrics make of it, the outcome is recorded
             self._committer.put(item, result)
 
-    async def _attempt(self, job: Job) -> Attempt:
+    async def _attempt(self, item: InFlight) -> Attempt:
         """One attempt at one request; never raises."""
         try:
-            if job.func_name == FORWARD_FUNCTION:
-                target = self.settings.target_for(job.args[0])
-                request = ModelRequest(*job.args)
+            if item.func_name == FORWARD_FUNCTION:
+                target = self.settings.target_for(item.args[0])
+                request = ModelRequest(*item.args)
                 timeout, limit = self.settings.forward_timeout, self.settings.max_result_bytes
-                return await async_forwarding.send(self._http, target, job.id, request, timeout, limit)
+                return await async_forwarding.send(self._http, target, item.id, request, timeout, limit)
             # Another job function (say, a webhook delivery): run it as RQ would, in a thread of its own.
-            return Attempt(result=await asyncio.to_thread(job.perform))
+            return Attempt(result=await asyncio.to_thread(self._perform, item.id))
         except Exception:
             return Attempt(error=traceback.format_exc(), retryable=True)
+
+    def _perform(self, job_id: str) -> Any:
+        """Runs another function's job as RQ's worker would (in the thread _attempt gives it)."""
+        return Job.fetch(job_id, connection=self.connection, serializer=self.serializer).perform()
 
     def _recorded(self, items: list[InFlight]) -> None:
         """The committer recorded these: their slots are free."""
         for item in items:
-            self.in_flight.pop(item.job.id, None)
+            self.in_flight.pop(item.id, None)
         assert self._changed is not None
         self._changed.set()
 

@@ -56,10 +56,10 @@ def heartbeat(worker: QueueWorker, in_flight: list[InFlight]) -> None:
         for item in in_flight:
             # What RQ's Execution.heartbeat refreshes: the StartedJobRegistry entry, the Execution,
             # and the job's ExecutionRegistry (which the orphan sweep reads), 60 s past the deadline.
-            execution, executions_key = item.execution, keys.EXECUTIONS_REGISTRY_PREFIX + item.job.id
-            pipe.zadd(item.queue.started, {execution.composite_key: deadline}, xx=True)
-            pipe.expire(execution.key, worker.heartbeat_ttl)
-            pipe.zadd(executions_key, {execution.id: deadline + 60}, xx=True)
+            composite, executions_key = item.composite_key, keys.EXECUTIONS_REGISTRY_PREFIX + item.id
+            pipe.zadd(item.queue.started, {composite: deadline}, xx=True)
+            pipe.expire(keys.EXECUTION_PREFIX + composite, worker.heartbeat_ttl)
+            pipe.zadd(executions_key, {item.execution_id: deadline + 60}, xx=True)
             pipe.expire(executions_key, worker.heartbeat_ttl + 60)
         pipe.execute()
 

@@ -2,7 +2,8 @@
 -- started (RQ status, StartedJobRegistry entry, Execution) in the same atomic step: no request is ever
 -- popped without a trace (the gap of rq issue 1716). A request whose queue deadline passed unstarted ends
 -- EXPIRED here, unforwarded (the rule of lifecycle.has_expired). Returns, per claimed request:
--- {queue index, job id, execution id, {the requested job fields}}: only what forwarding needs.
+-- {queue index, job id, execution id, attempt, {the requested job fields}}: only what forwarding needs.
+-- A job hash is read once, with those fields, and written once: 9 commands per claimed request.
 local open_requests = KEYS[1]
 local worker_executions = KEYS[2]
 local metrics = KEYS[3] -- an expiry counts as an ended request there (metrics.py)
@@ -31,31 +32,31 @@ local claimed = {}
 
 --!include sink_log_append
 
--- An expired request's entry in its service's sink log, its notification and its count.
-local function append_to_sink_log(job_key, id, status)
-  local service = redis.call('HGET', job_key, 'eas_service')
-  if not service then return end
-  local _, line = sink_log_append(job_key, service, id, status, now_unix, sink_indexes, sink_log_prefix,
-                                  callback_outbox)
-  redis.call('PUBLISH', ended_channel, line)
-  redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
-end
-
+-- An expired request ends CANCELED (outcome expired), with its entry in its service's sink log, its
+-- notification and its count.
 local function expire(job_key, id, canceled_registry)
-  redis.call('HSET', job_key, 'status', 'canceled', 'eas_outcome', 'expired', 'ended_at', now_text)
+  local written = {'status', 'canceled', 'eas_outcome', 'expired', 'ended_at', now_text}
+  local service, callback_url = unpack(redis.call('HMGET', job_key, 'eas_service', 'eas_callback_url'))
+  if service then
+    local index, line = sink_log_append(service, id, 'EXPIRED', callback_url, now_unix, sink_indexes,
+                                        sink_log_prefix, callback_outbox)
+    written[#written + 1] = 'eas_sink_index'
+    written[#written + 1] = index
+    redis.call('PUBLISH', ended_channel, line)
+    redis.call('HINCRBY', metrics, 'ended|' .. service .. '|EXPIRED', 1)
+  end
+  redis.call('HSET', job_key, unpack(written))
   redis.call('EXPIRE', job_key, expired_ttl)
   redis.call('ZADD', canceled_registry, now + expired_ttl, id)
   redis.call('ZREM', open_requests, id)
-  append_to_sink_log(job_key, id, 'EXPIRED')
 end
 
-local function start(job_key, id, started_registry)
+local function start(job_key, id, started_registry, attempts)
   executions_started = executions_started + 1
   local execution_id = execution_prefix_id .. string.format('%08x', executions_started)
   local composite = id .. ':' .. execution_id
   redis.call('HSET', job_key, 'status', 'started', 'started_at', now_text, 'last_heartbeat', now_text,
-             'worker_name', worker_name)
-  redis.call('HINCRBY', job_key, 'eas_attempts', 1)
+             'worker_name', worker_name, 'eas_attempts', attempts)
   redis.call('PERSIST', job_key) -- as RQ does when a job starts (one requeued from failed has a ttl)
   redis.call('ZADD', started_registry, heartbeat_deadline, composite)
   local execution_key = execution_prefix .. composite
@@ -73,15 +74,15 @@ local function take(q, id)
   local base = first_queue_key + 3 * (q - 1)
   local started_registry, canceled_registry = KEYS[base + 1], KEYS[base + 2]
   local job_key = job_prefix .. id
-  local state = redis.call('HMGET', job_key, 'status', 'eas_expires_at', 'eas_attempts')
-  if state[1] ~= 'queued' then return end -- canceled, deleted or already taken: skip
-  local expires_at = tonumber(state[2])
-  if expires_at and (tonumber(state[3]) or 0) == 0 and now > expires_at then
+  local values = redis.call('HMGET', job_key, 'status', 'eas_expires_at', 'eas_attempts', unpack(fields))
+  if values[1] ~= 'queued' then return end -- canceled, deleted or already taken: skip
+  local expires_at, attempts = tonumber(values[2]), tonumber(values[3]) or 0
+  if expires_at and attempts == 0 and now > expires_at then
     expire(job_key, id, canceled_registry)
     return
   end
-  local execution_id = start(job_key, id, started_registry)
-  claimed[#claimed + 1] = {q, id, execution_id, redis.call('HMGET', job_key, unpack(fields))}
+  local execution_id = start(job_key, id, started_registry, attempts + 1)
+  claimed[#claimed + 1] = {q, id, execution_id, attempts + 1, {unpack(values, 4)}}
 end
 
 if adopted_queue > 0 then take(adopted_queue, adopted_id) end

@@ -30,11 +30,13 @@ local function count(field, by) counts[field] = (counts[field] or 0) + by end
 
 --!include sink_log_append
 
--- An ended request's entry in its service's sink log; its notification line and count wait for the end
--- of the batch.
-local function append_to_sink_log(job_key, service, id, status)
-  local _, line = sink_log_append(job_key, service, id, status, now_unix, sink_indexes, sink_log_prefix,
-                                  callback_outbox)
+-- An ended request's entry in its service's sink log (its index goes on the job with the other fields);
+-- its notification line and count wait for the end of the batch.
+local function append_to_sink_log(written, service, id, status, callback_url)
+  local index, line = sink_log_append(service, id, status, callback_url, now_unix, sink_indexes,
+                                      sink_log_prefix, callback_outbox)
+  written[#written + 1] = 'eas_sink_index'
+  written[#written + 1] = index
   ended[#ended + 1] = line
   count('ended|' .. service .. '|' .. status, 1)
 end
@@ -53,19 +55,65 @@ end
 -- instead of 1,555 B (MEMORY USAGE, Redis 7.0). Job.fetch and the dashboard read what is left.
 local dropped_when_finished = {eas_last_error = true, last_heartbeat = true, retry_intervals = true,
   retries_left = true, enqueue_at_front_on_retry = true, timeout = true, failure_ttl = true}
-local function shrink_finished_job(job_key)
-  local fields = redis.call('HGETALL', job_key)
-  local kept = {}
+
+-- The fields a finished request keeps: `fields` (HGETALL's name/value pairs) less the dropped ones,
+-- with the `written` pairs in place of their old values.
+local function shrunk(fields, written)
+  local kept, overwritten = {}, {}
+  for f = 1, #written, 2 do overwritten[written[f]] = true end
   for f = 1, #fields, 2 do
     local name, value = fields[f], fields[f + 1]
     if name == 'data' then value = finished_job_data end
-    if not dropped_when_finished[name] then
+    if not dropped_when_finished[name] and not overwritten[name] then
       kept[#kept + 1] = name
       kept[#kept + 1] = value
     end
   end
-  redis.call('DEL', job_key)
-  redis.call('HSET', job_key, unpack(kept))
+  for f = 1, #written do kept[#kept + 1] = written[f] end
+  return kept
+end
+
+-- HGETALL's name/value pairs by name.
+local function by_name(fields)
+  local named = {}
+  for f = 1, #fields, 2 do named[fields[f]] = fields[f + 1] end
+  return named
+end
+
+-- The job hash of a recorded request is read once and written once: for a success, read whole (it is
+-- rewritten small) and written afresh; otherwise its service and callback read, the new fields written.
+-- A success costs 14 commands.
+local function record_job(job_key, id, status, last_error, retries_left, code, seconds, bucket)
+  local written = {'status', status, 'ended_at', now_text}
+  if last_error ~= '' then
+    written[#written + 1] = 'eas_last_error'
+    written[#written + 1] = last_error
+  end
+  if retries_left ~= '' then
+    written[#written + 1] = 'retries_left'
+    written[#written + 1] = retries_left
+  end
+  local fields, service, callback_url
+  if status == 'finished' then
+    fields = redis.call('HGETALL', job_key)
+    local named = by_name(fields)
+    service, callback_url = named['eas_service'], named['eas_callback_url']
+  else
+    service, callback_url = unpack(redis.call('HMGET', job_key, 'eas_service', 'eas_callback_url'))
+  end
+  -- A request has a service; another job (a webhook delivery) is recorded as RQ would, and no more.
+  if service then
+    count_attempt(service, status, code, seconds, bucket)
+    if status == 'finished' then
+      append_to_sink_log(written, service, id, 'SUCCESS', callback_url)
+      redis.call('DEL', job_key)
+      redis.call('HSET', job_key, unpack(shrunk(fields, written)))
+      return
+    elseif status == 'failed' then
+      append_to_sink_log(written, service, id, 'FAILURE', callback_url)
+    end
+  end
+  redis.call('HSET', job_key, unpack(written))
 end
 
 local finished, failed, stale = 0, 0, 0
@@ -84,20 +132,7 @@ while i <= #ARGV do
   local composite = id .. ':' .. execution_id
   if redis.call('ZREM', started_registry, composite) == 1 then
     local job_key = job_prefix .. id
-    redis.call('HSET', job_key, 'status', status, 'ended_at', now_text)
-    if last_error ~= '' then redis.call('HSET', job_key, 'eas_last_error', last_error) end
-    if retries_left ~= '' then redis.call('HSET', job_key, 'retries_left', retries_left) end
-    -- A request has a service; another job (a webhook delivery) is recorded as RQ would, and no more.
-    local service = redis.call('HGET', job_key, 'eas_service')
-    if service then
-      count_attempt(service, status, code, seconds, bucket)
-      if status == 'finished' then
-        shrink_finished_job(job_key)
-        append_to_sink_log(job_key, service, id, 'SUCCESS')
-      elseif status == 'failed' then
-        append_to_sink_log(job_key, service, id, 'FAILURE')
-      end
-    end
+    record_job(job_key, id, status, last_error, retries_left, code, seconds, bucket)
     redis.call('ZADD', next_registry, next_score, id)
     if result_field_count > 0 then
       local results = results_prefix .. id

@@ -14,10 +14,11 @@ local clock = redis.call('TIME')
 local now_unix = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 --!include sink_log_append
 
-local service = redis.call('HGET', job_key, 'eas_service')
+local service, callback_url = unpack(redis.call('HMGET', job_key, 'eas_service', 'eas_callback_url'))
 if not service then return 0 end
-local index, line = sink_log_append(job_key, service, id, status, now_unix, sink_indexes, sink_log_prefix,
+local index, line = sink_log_append(service, id, status, callback_url, now_unix, sink_indexes, sink_log_prefix,
                                     callback_outbox)
+redis.call('HSET', job_key, 'eas_sink_index', index)
 redis.call('PUBLISH', ended_channel, line)
 redis.call('HINCRBY', metrics, 'ended|' .. service .. '|' .. status, 1)
 return index

@@ -105,17 +105,17 @@ def test_claim_takes_high_before_default_and_writes_what_rq_writes(redis_server,
     worker = queue_worker(redis_server, settings)
     worker.register_birth()
     [first] = claim(worker, 1)
-    assert first.job.id == high
+    assert first.id == high
     [second] = claim(worker, 5)
-    assert second.job.id == low
+    assert second.id == low
     ours = {
         "job": shape(db, keys.job_key(low)),
-        "execution": shape(db, f"{keys.EXECUTION_PREFIX}{low}:{second.execution.id}"),
+        "execution": shape(db, f"{keys.EXECUTION_PREFIX}{low}:{second.execution_id}"),
     }
     started = keys.queue_keys("default").started
-    assert db.zscore(started, f"{low}:{second.execution.id}") is not None
-    assert db.zscore(keys.EXECUTIONS_REGISTRY_PREFIX + low, second.execution.id) is not None
-    assert db.sismember(worker.executions_key, f"{low}:{second.execution.id}")
+    assert db.zscore(started, f"{low}:{second.execution_id}") is not None
+    assert db.zscore(keys.EXECUTIONS_REGISTRY_PREFIX + low, second.execution_id) is not None
+    assert db.sismember(worker.executions_key, f"{low}:{second.execution_id}")
     assert db.hget(keys.job_key(low), "status") == b"started"
 
     # The same request started by RQ's own worker.
@@ -159,8 +159,8 @@ def test_record_writes_what_rq_writes_for_a_success(redis_server, db, settings, 
     assert job.return_value() == answer
     assert job.latest_result().type == Result.Type.SUCCESSFUL
     assert db.zscore(keys.queue_keys("default").finished, request_id) is not None
-    assert db.zscore(keys.queue_keys("default").started, f"{request_id}:{item.execution.id}") is None
-    assert not db.exists(f"{keys.EXECUTION_PREFIX}{request_id}:{item.execution.id}")
+    assert db.zscore(keys.queue_keys("default").started, f"{request_id}:{item.execution_id}") is None
+    assert not db.exists(f"{keys.EXECUTION_PREFIX}{request_id}:{item.execution_id}")
     assert db.zscore(keys.OPEN_REQUESTS, request_id) is None
     ours = db.xrange(keys.RESULTS_PREFIX + request_id)[0][1]
     assert db.ttl(keys.job_key(request_id)) > 0 and db.ttl(keys.RESULTS_PREFIX + request_id) > 0
@@ -245,7 +245,7 @@ def test_a_finished_request_keeps_no_body_and_stays_readable(redis_server, db, s
     items = claim(worker, 2)
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
     attempts = {done: Attempt(result={"status": "success"}), failed: Attempt(error="HTTP 400", retryable=False)}
-    record(recorder, [(item, attempts[item.job.id]) for item in items])
+    record(recorder, [(item, attempts[item.id]) for item in items])
     finished = Job.fetch(done, connection=db)
     assert finished.args == () and finished.func_name == "worker.forward"
     assert finished.description == "POST /api/predict/svc"
@@ -301,7 +301,7 @@ def test_a_request_recovery_fails_for_good_ends_at_the_sink_like_any_other(redis
     worker = queue_worker(redis_server, settings)
     [item] = claim(worker, 1)
     started = keys.queue_keys("default").started
-    db.zadd(started, {f"{request_id}:{item.execution.id}": time.time() - 60})  # its heartbeat lapsed
+    db.zadd(started, {f"{request_id}:{item.execution_id}": time.time() - 60})  # its heartbeat lapsed
     pubsub = db.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.ENDED_CHANNEL)
     assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
@@ -324,6 +324,6 @@ def test_claimed_executions_get_distinct_ids_of_rqs_shape(redis_server, db, sett
     for _ in range(4):
         enqueue()
     worker = queue_worker(redis_server, settings)
-    ids = [item.execution.id for item in claim(worker, 3) + claim(worker, 3)]
+    ids = [item.execution_id for item in claim(worker, 3) + claim(worker, 3)]
     assert len(ids) == len(set(ids)) == 4
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
