@@ -67,17 +67,26 @@ def sink_status(item: InFlight, attempt: Attempt) -> str:
 
 
 def log_recorded(batch: list[tuple[InFlight, Attempt]]) -> None:
-    """An `attempt` line (the model's status code, the attempt's seconds) and an `outcome` line (the sink's
-    status, seconds since the request was accepted) per recorded request, from the committer."""
+    """An `outcome` line per recorded attempt, from the committer: the sink's status, seconds since the
+    request was accepted, and the attempt's model status code and seconds."""
     if not logs.log.isEnabledFor(logging.INFO):
         return
     clock = time.time()
     for item, attempt in batch:
-        priority = item.queue.name
         service = item.args[0] if item.func_name == FORWARD_FUNCTION and item.args else ""
-        logs.event("attempt", item.id, service, priority, item.attempt, item.model_code, item.forward_seconds)
         waited = clock - datetime.fromisoformat(item.enqueued_at).timestamp() if item.enqueued_at else 0.0
-        logs.event("outcome", item.id, service, priority, item.attempt, sink_status(item, attempt), waited)
+        status, seconds, priority = sink_status(item, attempt), round(item.forward_seconds, 6), item.queue.name
+        logs.event(
+            "outcome",
+            item.id,
+            service,
+            priority,
+            item.attempt,
+            status,
+            waited,
+            model_status=item.model_code,
+            attempt_seconds=seconds,
+        )
 
 
 class OutcomeRecorder:

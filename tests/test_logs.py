@@ -1,11 +1,12 @@
 """log_format = "json": the API (gunicorn) and a QueueWorker write one JSON object per line; one request's
-submit, attempts and outcomes carry its id, service, priority, attempt, status and duration; no token and
-no body appears anywhere. And the text lines carry the same fields as key=value."""
+submit and its attempts' outcomes carry its id, service, priority, attempt, status and duration (an
+outcome also the model's status code and the attempt's seconds); no token and no body appears anywhere.
+And the text lines carry the same fields as key=value."""
 
 import json
 import logging
 
-from logs import EVENT_FIELDS, TextFormatter
+from logs import EVENT_FIELDS, OUTCOME_FIELDS, TextFormatter
 from tests.conftest import TOKEN, Api, service_env, wait_for
 
 BODY_MARKER = "body-must-not-be-logged-7f3a"
@@ -50,15 +51,17 @@ def test_json_lines_for_one_request_without_token_or_body(redis_server, model, w
     [forbidden] = [r for r in api_records if r.get("message") == "submit" and r["status"] == 403]
     assert forbidden["service"] == "" and forbidden["request_id"] == ""
 
-    attempts = events(worker_records, request_id, "attempt")
     outcomes = events(worker_records, request_id, "outcome")
-    assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "503"), (2, "200")]
-    assert [(o["attempt"], o["status"]) for o in outcomes] == [(1, "RETRY"), (2, "SUCCESS")]
-    for record in attempts + outcomes:
-        assert set(EVENT_FIELDS) <= set(record)
+    assert [(o["attempt"], o["status"], o["model_status"]) for o in outcomes] == [
+        (1, "RETRY", "503"),
+        (2, "SUCCESS", "200"),
+    ]
+    assert not events(worker_records, request_id, "attempt")  # one line per attempt: its outcome
+    for record in outcomes:
+        assert set(EVENT_FIELDS + OUTCOME_FIELDS) <= set(record)
         assert (record["service"], record["priority"]) == ("svc", "default")
-        assert record["duration_seconds"] >= 0
-    assert outcomes[1]["duration_seconds"] >= attempts[1]["duration_seconds"]  # since accepted, not one attempt
+        assert record["attempt_seconds"] >= 0
+    assert outcomes[1]["duration_seconds"] >= outcomes[1]["attempt_seconds"]  # since accepted, not one attempt
     assert any(r["logger"].startswith("rq.") for r in worker_records)  # RQ's own lines are JSON too
 
     for path in (api_log, worker_log):
@@ -69,9 +72,9 @@ def test_json_lines_for_one_request_without_token_or_body(redis_server, model, w
 
 def test_text_lines_carry_the_fields_as_key_value():
     fields = {"request_id": "r1", "service": "svc", "priority": "high", "attempt": 2}
-    fields.update(status="SUCCESS", duration_seconds=0.25)
+    fields.update(status="SUCCESS", duration_seconds=0.25, model_status="200", attempt_seconds=0.125)
     record = logging.LogRecord("eas_queue", logging.INFO, __file__, 1, "outcome", None, None)
     record.__dict__.update(fields)
     line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     expected = "request_id=r1 service=svc priority=high attempt=2 status=SUCCESS duration_seconds=0.25"
-    assert line == "INFO eas_queue: outcome " + expected
+    assert line == "INFO eas_queue: outcome " + expected + " model_status=200 attempt_seconds=0.125"
