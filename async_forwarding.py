@@ -15,7 +15,7 @@ import aiohttp
 from yarl import URL
 
 import forwarding
-from forwarding import READ_CHUNK, REQUEST_ID_HEADER, Attempt, ModelRequest
+from forwarding import LARGE_ANSWER, READ_CHUNK, REQUEST_ID_HEADER, Attempt, ModelRequest
 
 # Headers aiohttp adds by itself and urllib3 does not: the model gets what forwarding.send sends. Without
 # a Content-Type aiohttp would claim application/octet-stream; without this Accept-Encoding it would ask
@@ -87,4 +87,6 @@ async def send(
         return forwarding.unreachable(NewConnectionError(f"Failed to establish a new connection: {error.os_error}"))
     except (aiohttp.ClientError, OSError) as error:
         return forwarding.unreachable(error)
+    if len(content) > LARGE_ANSWER:
+        return await asyncio.to_thread(forwarding.judge, code, content_type, content, over, max_result_bytes)
     return forwarding.judge(code, content_type, content, over, max_result_bytes)

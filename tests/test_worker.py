@@ -7,19 +7,25 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 
 import pytest
 import redis
+import redis.asyncio
 from rq import Queue
 from rq.command import send_stop_job_command
 from rq.defaults import UNSERIALIZABLE_RETURN_VALUE_PAYLOAD
 from rq.job import Job, JobStatus
 
+import forwarding
 import keys
 import lifecycle
 import recovery
 import worker_upkeep
+from async_commit import AsyncCommitter
+from forwarding import Attempt
 from lifecycle import RequestStatus
+from outcomes import OutcomeRecorder
 from queueing import Enqueuer, Submission
 from recovery import OrphanSweep
 from settings import load_settings
@@ -216,3 +222,51 @@ def test_a_failing_upkeep_step_is_logged_and_upkeep_goes_on(db, submit, run_work
     assert status(db, request_id) == RequestStatus.SUCCESS
     assert len(calls) > 1  # upkeep went on after the failure
     assert "upkeep failed" in caplog.text and "a bug in one upkeep step" in caplog.text
+
+
+def test_large_answers_are_encoded_off_the_loop_and_recorded_in_bounded_batches(
+    db, model, submit, run_worker, monkeypatch
+):
+    """Every request in flight shares the event loop: a large answer is compressed and encoded in a thread,
+    and a batch of outcomes holds at most 8 MB of answers (or one larger answer), so neither the loop nor
+    one Redis call is held up by many large answers at once (issue 13 note: 25 8 MB answers)."""
+    threads, batches = [], []
+    real_judge, real_record = forwarding.judge, AsyncCommitter._record
+
+    def judge(*args: object) -> Attempt:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_judge(*args)
+
+    async def record(committer: AsyncCommitter, batch: list) -> None:
+        batches.append([attempt.answer_bytes for _, attempt in batch])
+        await real_record(committer, batch)
+
+    monkeypatch.setattr(forwarding, "judge", judge)
+    monkeypatch.setattr(AsyncCommitter, "_record", record)
+    size = 3 * 1024 * 1024
+    large = [submit(query=(("size", str(size)),)) for _ in range(6)]
+    small = submit()
+    run_worker()
+    for request_id in large:
+        state = lifecycle.read_state(db, request_id)
+        assert state is not None and state.status == RequestStatus.SUCCESS
+        assert forwarding.decode_answer(state.result)[2] == b"x" * size
+    assert status(db, small) == RequestStatus.SUCCESS
+    assert threads.count(False) == 6 and threads.count(True) == 1  # only the small answer on the loop
+    assert sum(len(batch) for batch in batches) == 7
+    assert all(sum(batch) <= 8 * 1024 * 1024 or len(batch) == 1 for batch in batches)
+
+
+def test_a_batch_of_outcomes_is_bounded_by_count_and_by_answer_bytes(redis_server):
+    """The committer takes the oldest outcomes in order: at most `batch_size`, at most `batch_bytes` of
+    answers, and a larger answer alone."""
+    connection = redis.asyncio.Redis.from_url(redis_server.url)  # no command is sent
+    recorder = OutcomeRecorder(redis.Redis.from_url(redis_server.url), load_settings({}), "w", "x", "y")
+    committer = AsyncCommitter(connection, recorder, logging.getLogger(), lambda items: None, 3, batch_bytes=10)
+    sizes = [4, 4, 4, 20, 1, 1, 1, 1, 0]
+    for n, size in enumerate(sizes):
+        committer.put(n, Attempt(result={}, answer_bytes=size))  # type: ignore[arg-type]
+    batches = []
+    while committer._outcomes:
+        batches.append([attempt.answer_bytes for _, attempt in committer.next_batch()])
+    assert batches == [[4, 4], [4], [20], [1, 1, 1], [1, 0]]
