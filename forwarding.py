@@ -122,6 +122,7 @@ class Attempt:
     error: str | None = None
     retryable: bool = False
     answer_bytes: int = 0  # the size of the model's answer kept in `result` (before it was compressed)
+    status_code: int | None = None  # the model's HTTP status code; None: it did not answer
 
 
 def encode_answer(status_code: int, content_type: str, body: bytes) -> dict[str, Any]:
@@ -392,11 +393,12 @@ def judge(code: int, content_type: str, content: bytes, over: bool, max_result_b
     """What an answer means, whichever HTTP client read it: 5xx and 429 retryable, other 4xx final, an
     answer over `max_result_bytes` final, anything else the result."""
     if code >= 500 or code == 429:
-        return Attempt(error=f"the model answered HTTP {code}: {_snippet(content)}", retryable=True)
+        return Attempt(error=f"the model answered HTTP {code}: {_snippet(content)}", retryable=True, status_code=code)
     if code >= 400:
-        return Attempt(error=f"the model answered HTTP {code}: {_snippet(content)}", retryable=False)
+        return Attempt(error=f"the model answered HTTP {code}: {_snippet(content)}", status_code=code)
     if over:
         # Final, not retried: the model would most likely send the same answer again, costing the same
         # transfer each time; it needs a smaller answer or a larger max_result_bytes.
-        return Attempt(error=f"the model's answer is larger than max_result_bytes ({max_result_bytes} bytes)")
-    return Attempt(result=encode_answer(code, content_type, content), answer_bytes=len(content))
+        error = f"the model's answer is larger than max_result_bytes ({max_result_bytes} bytes)"
+        return Attempt(error=error, status_code=code)
+    return Attempt(result=encode_answer(code, content_type, content), answer_bytes=len(content), status_code=code)

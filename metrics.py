@@ -27,7 +27,6 @@ without a token cannot add series. `priority` is `high` or `default`, as the que
 from __future__ import annotations
 
 import os
-import re
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -63,18 +62,11 @@ WAITING_CLIENTS = Gauge(
 )
 
 bp = Blueprint("metrics", __name__)
-_ANSWERED = re.compile(r"the model answered HTTP (\d{3})\b")  # forwarding.send's words for an error answer
 
 
 def model_status(attempt: forwarding.Attempt) -> str:
-    """The model's HTTP status code for an attempt ("none": it did not answer, or its answer was too large to
-    keep), read where the Attempt keeps it: the stored answer, or the error the sink shows."""
-    if isinstance(attempt.result, dict):
-        return str(attempt.result.get("target_status_code", "none"))
-    if attempt.result is not None:
-        return "none"  # another job function's return value (QueueWorker runs those too)
-    match = _ANSWERED.match(attempt.error or "")
-    return match[1] if match else "none"
+    """The model's HTTP status code for an attempt, as a label ("none": it did not answer)."""
+    return "none" if attempt.status_code is None else str(attempt.status_code)
 
 
 def bucket_label(seconds: float) -> str:
