@@ -15,10 +15,13 @@ rq-dashboard 0.9.0 is used as it ships, with a few changes made here rather than
 - The workers list shows what a request is (service, priority, body size, attempt, last error), never the
   job's call string, which holds the whole request body.
 - The favicon link points at the dashboard's own favicon (it pointed at the app's missing /static/).
+- A URL whose job id, registry or page no job or page can have is a 404 before its view runs: rq refuses
+  such a job id with a ValueError, and the job list divides by its page size (each was a 500).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +32,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from jinja2 import BaseLoader, ChoiceLoader, Environment, TemplateNotFound
 from rq import Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
+from rq.job import Job, validate_job_id
 from rq.registry import FailedJobRegistry
 
 import keys
@@ -91,6 +94,30 @@ class PatchedTemplates(BaseLoader):
                 raise RuntimeError(f"rq-dashboard's {template} changed: cannot apply the patch for {old!r}")
             source = source.replace(old, new)
         return source, filename, uptodate
+
+
+# The registries rq-dashboard's job list and "empty" know; another name left a variable unset (a 500).
+REGISTRY_NAMES = frozenset({"queued", "failed", "deferred", "started", "finished", "scheduled", "canceled"})
+_PAGE_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+def names_nothing(view_args: dict[str, Any]) -> bool:
+    """Whether the URL's job id, registry or page is one no job or page can have (answered 404): rq's
+    Job.fetch raises ValueError for such an id, and the job list divides by `per_page`."""
+    job_id = view_args.get("job_id")
+    if job_id is not None:
+        try:
+            validate_job_id(job_id)
+        except (TypeError, ValueError):
+            return True
+    registry = view_args.get("registry_name")
+    if registry is not None and registry not in REGISTRY_NAMES:
+        return True
+    for name, least in (("per_page", 1), ("page", 0)):  # page 0: the "last page" link of an empty list
+        value = view_args.get(name)
+        if value is not None and not (_PAGE_NUMBER.fullmatch(str(value)) and int(value) >= least):
+            return True
+    return False
 
 
 def _refuse(code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Response:
@@ -222,7 +249,8 @@ def add_dashboard(app: Flask, settings: Settings, connection: redis.Redis | None
                 "the dashboard needs HTTP Basic auth; the password is an API token",
                 {"WWW-Authenticate": 'Basic realm="eas-queue dashboard"'},
             )
-        if (request.view_args or {}).get("instance_number", 0) != 0:  # one Redis: instance 0 only
+        view_args = request.view_args or {}
+        if view_args.get("instance_number", 0) != 0 or names_nothing(view_args):  # one Redis: instance 0 only
             return _refuse(404, "not found")
         # Browsers resend Basic credentials to any site's forms and images, so an action (requeue, delete,
         # empty) must come from this host's own pages: the dashboard's scripts send Origin or Referer.

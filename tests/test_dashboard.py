@@ -47,6 +47,34 @@ def test_dashboard_errors_are_json_not_tracebacks(api, db):
     assert instance.status_code == 404
 
 
+def test_job_ids_and_list_pages_that_cannot_exist_are_a_json_404(api, db):
+    """rq refuses a job id of other characters than letters, digits, `_` and `-` with a ValueError, and
+    rq-dashboard's job list divides by its page size and knows only its own registries: each was a 500."""
+    request_id = api.submit_ok()
+    auth, origin = ("ops", TOKEN), {"Origin": api.url}
+    for job_id in ("%3Cscript%3Ealert(1)%3C%2Fscript%3E", "%3Cscript%3E", "a.b", "x%20y", "..", "%00", "%C3%A9"):
+        for method, path in (
+            ("GET", f"/rq/0/data/job/{job_id}.json"),
+            ("GET", f"/rq/0/view/job/{job_id}"),
+            ("POST", f"/rq/job/{job_id}/requeue"),
+            ("POST", f"/rq/job/{job_id}/delete"),
+        ):
+            answer = requests.request(method, api.url + path, auth=auth, headers=origin, timeout=5)
+            assert answer.status_code == 404, (method, path, answer.status_code, answer.text[:200])
+            assert answer.headers["Content-Type"] == "application/json", (method, path)
+            assert "error" in answer.json(), (method, path)
+    for page in ("default/bogus/8/asc/1", "default/queued/0/asc/1", "default/queued/x/asc/1", "default/queued/8/asc/y"):
+        answer = requests.get(f"{api.url}/rq/0/data/jobs/{page}.json", auth=auth, timeout=5)
+        assert answer.status_code == 404, (page, answer.status_code, answer.text[:200])
+        assert answer.json() == {"error": "not found"}, page
+    empty = requests.post(f"{api.url}/rq/queue/default/bogus/empty", auth=auth, headers=origin, timeout=5)
+    assert empty.status_code == 404
+    assert db.llen("rq:queue:default") == 1  # nothing was changed
+    listed = requests.get(f"{api.url}/rq/0/data/jobs/default/queued/8/asc/1.json", auth=auth, timeout=5)
+    assert [job["id"] for job in listed.json()["jobs"]] == [request_id]
+    assert requests.get(f"{api.url}/rq/0/data/job/{request_id}.json", auth=auth, timeout=5).status_code == 200
+
+
 def test_dashboard_actions_must_come_from_its_own_pages(api, workers, db):
     """Browsers resend Basic credentials to cross-site forms and images: actions need this host's Origin."""
     request_id = api.submit_ok(params={"status": "400"})
