@@ -42,6 +42,9 @@ QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is 
 REDIS_FULL_RETRY_AFTER = 5  # ... and when Redis is past its memory high-water mark
 BODY_IDLE_TIMEOUT = 10.0  # seconds a request body may send nothing before the client gets 408
 CALLBACK_HEADER = "X-Eas-Callback-Url"  # a submit's completion webhook (webhooks.py)
+SINK_RULE = "/api/predict/<service>/sink"
+# What the sink takes: a POST there matches the submit route with the subpath `sink`, only to get 405.
+SINK_METHODS = "GET, HEAD, PUT, DELETE, OPTIONS"
 
 
 class SubpathConverter(PathConverter):
@@ -76,7 +79,7 @@ def submit(service: str, subpath: str = "") -> Response:
     check_service(ctx.settings, service)
     request.environ[metrics.SERVICE_ENVIRON] = service  # a label now: it passed the service and token checks
     if subpath == "sink":
-        raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": "GET, DELETE"})
+        raise ApiError(405, "the sink is read with GET and canceled with DELETE", {"Allow": SINK_METHODS})
     wait = preferred_wait()
     if wait:  # the waiting client's place is taken first: a full server refuses before queuing anything
         with ctx.notifier.client():
@@ -140,7 +143,7 @@ def preferred_wait() -> int:
     return min(int(match[1]), int(MAX_WAIT)) if match else 0
 
 
-@bp.get("/api/predict/<service>/sink")
+@bp.get(SINK_RULE)
 def sink(service: str) -> tuple[Response, int] | Response:
     ctx = context()
     check_service(ctx.settings, service)
@@ -199,6 +202,17 @@ def input_queue_indexes(service: str) -> NoReturn:
     """The EAS SDK's commit, delete and truncate on the input queue: 400, it has no indexes."""
     check_service(context().settings, service)
     eas_sink.input_indexes()
+
+
+def options_answer(response: Response) -> Response:
+    """Flask's automatic answer to OPTIONS (an empty 200 text/html) as 204 with `Allow` and neither body
+    nor Content-Type. No CORS headers: the API does not serve other origins' pages."""
+    response.status_code = 204
+    del response.headers["Content-Type"]
+    rule = request.url_rule
+    if rule is not None and rule.rule == SINK_RULE:
+        response.headers["Allow"] = SINK_METHODS
+    return response
 
 
 @bp.get("/healthz")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 
 import api
 import eas_sink
@@ -31,11 +31,18 @@ from notifier import EndedNotifier
 from settings import Settings, get_settings
 
 
+class App(Flask):
+    """Flask, answering OPTIONS on any route with 204 and `Allow` (api.options_answer), not text/html."""
+
+    def make_default_options_response(self) -> Response:
+        return api.options_answer(super().make_default_options_response())
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """The app for `settings` (default: the process's, from settings.toml and the environment)."""
     settings = settings or get_settings()
     logs.configure(settings.log_format)
-    app = Flask(__name__)
+    app = App(__name__)
     app.json.sort_keys = False  # keep the sink's fields in the order they are documented
     app.url_map.merge_slashes = False  # `a//b` is a bad subpath (400), not a redirect to `a/b`
     app.url_map.converters["subpath"] = api.SubpathConverter

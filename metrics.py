@@ -85,7 +85,7 @@ def install(app: Flask) -> None:
 
 
 def _submit_started() -> None:
-    if request.endpoint == SUBMIT_ENDPOINT:
+    if request.endpoint == SUBMIT_ENDPOINT and request.method == "POST":  # an OPTIONS there is no submit
         request.environ[STARTED_ENVIRON] = time.perf_counter()
 
 

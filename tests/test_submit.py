@@ -184,6 +184,33 @@ def test_other_methods_and_paths_answer_json(api, db):
     assert "error" in nowhere.json()
 
 
+def methods(header: str) -> set[str]:
+    return {method.strip() for method in header.split(",")}
+
+
+def test_options_answers_204_with_allow_and_no_body(api, db):
+    """Flask's automatic OPTIONS answered an empty 200 text/html (and counted as a submit): now 204 with
+    `Allow` and neither body nor Content-Type, with or without a token, and no CORS headers (there are none)."""
+    expected = {
+        "/api/predict/svc": {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"},
+        "/api/predict/svc/sink": {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"},  # a POST there is a 405
+        "/api/predict/svc/a/b": {"POST", "OPTIONS"},
+        "/healthz": {"GET", "HEAD", "OPTIONS"},
+        "/metrics": {"GET", "HEAD", "OPTIONS"},
+    }
+    for path, allowed in expected.items():
+        for headers in (AUTH, {}, {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}):
+            answer = requests.options(api.url + path, headers=headers, timeout=5)
+            assert answer.status_code == 204, (path, headers, answer.status_code)
+            assert methods(answer.headers["Allow"]) == allowed, (path, answer.headers["Allow"])
+            assert answer.content == b"" and "Content-Type" not in answer.headers, (path, answer.headers)
+            assert not [name for name in answer.headers if name.lower().startswith("access-control-")], path
+    refused = api.submit(subpath="sink")
+    assert refused.status_code == 405 and methods(refused.headers["Allow"]) == expected["/api/predict/svc/sink"]
+    assert 'code="204"' not in requests.get(api.url + "/metrics", timeout=5).text  # OPTIONS is not a submit
+    assert nothing_enqueued(db)
+
+
 def test_health(api, db):
     assert requests.get(api.url + "/healthz", timeout=5).json() == {"status": "ok"}
 
