@@ -133,14 +133,29 @@ def answer_when_ended(ctx: ApiContext, service: str, request_id: str, wait: int)
     return response
 
 
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([0-9]{1,6})\"?", re.IGNORECASE)
+# RFC 7240's grammar: `Prefer: 1#( token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] ) )`.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_LIST_ELEMENT = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*(?:"|$))+')  # up to a comma outside quotes
+_PREFERENCE_NAME = re.compile(rf"[ \t]*({_TOKEN})")
+_PREFERENCE = re.compile(rf"[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*({_TOKEN}|{_QUOTED}))?[ \t]*(?:;.*)?", re.DOTALL)
+_DELTA_SECONDS = re.compile(r"[0-9]+")  # ASCII digits only: `1e3`, `1.5`, `-1` and `²` are not seconds
 
 
 def preferred_wait() -> int:
-    """Seconds from `Prefer: wait=<n>` (RFC 7240), at most MAX_WAIT; 0 without it. A preference is a hint:
-    a larger n is honoured up to MAX_WAIT, and a malformed one is ignored, as the RFC asks."""
-    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
-    return min(int(match[1]), int(MAX_WAIT)) if match else 0
+    """Seconds from `Prefer: wait=<n>` (RFC 7240: n is delta-seconds, plain digits, quoted or not), at most
+    MAX_WAIT; 0 without it. A preference is a hint: a larger n is honoured up to MAX_WAIT, and a malformed
+    one (`1e3` was read as 1) is ignored, as is any `wait` after the first (the RFC's rules)."""
+    for element in _LIST_ELEMENT.findall(", ".join(request.headers.getlist("Prefer"))):
+        name = _PREFERENCE_NAME.match(element)
+        if name is None or name[1].lower() != "wait":
+            continue
+        preference = _PREFERENCE.fullmatch(element)
+        value = (preference[1] or "").removeprefix('"').removesuffix('"') if preference else ""
+        if not _DELTA_SECONDS.fullmatch(value):
+            return 0
+        return int(MAX_WAIT) if len(value) > 6 else min(int(value), int(MAX_WAIT))  # no int() of 5,000 digits
+    return 0
 
 
 @bp.get(SINK_RULE)

@@ -151,6 +151,31 @@ def test_prefer_wait_answers_the_record_for_a_fast_model_and_202_for_a_slow_one(
     assert plain.status_code == 200 and "Preference-Applied" not in plain.headers
 
 
+IGNORED_WAITS = ("wait=1e3", "wait=1.5", "wait=-1", "wait=+5", "wait=10s", "wait=0x10", "wait=", 'wait="1e3"')
+IGNORED_WAITS += ("wait=1 2", "wait=\u00b2", "respond-async; wait=1", "nowait=5", "wait=0", "wait=1e3, wait=20")
+APPLIED_WAITS = {'wait="20"': 20, "WAIT = 20": 20, "respond-async, wait=20": 20, 'foo="a, wait=1", wait=20': 20}
+APPLIED_WAITS |= {"wait=20, wait=1": 20, "wait=99999999999999": 60}
+
+
+def test_a_malformed_prefer_wait_is_ignored_and_a_wellformed_one_is_read_whole(api, workers, db):
+    """`wait=1e3` was read as 1 second (the parser took the leading digits): now only delta-seconds (RFC 7240:
+    ASCII digits, quoted or not) is a wait; anything else is ignored, and the submit answers as without it.
+    A `wait` that is a parameter of another preference (after `;`) is not the wait preference; the first
+    `wait` counts."""
+    workers.start()
+    submit = f"{api.url}/api/predict/svc"
+    for prefer in IGNORED_WAITS:
+        answer = requests.post(submit, data=b"{}", headers={**AUTH, "Prefer": prefer}, timeout=30)
+        assert answer.status_code == 200, (prefer, answer.text)
+        assert "Preference-Applied" not in answer.headers, (prefer, answer.headers["Preference-Applied"])
+        assert answer.headers["Content-Type"].startswith("text/plain"), prefer
+        assert answer.text == answer.headers["X-Eas-Queueservice-Request-Id"], prefer
+    for prefer, applied in APPLIED_WAITS.items():
+        answer = requests.post(submit, data=b"{}", headers={**AUTH, "Prefer": prefer}, timeout=90)
+        assert answer.headers.get("Preference-Applied") == f"wait={applied}", prefer
+        assert answer.status_code == 200 and answer.json()["status"] == "SUCCESS", prefer
+
+
 def test_waiting_clients_beyond_the_limit_get_503_and_the_api_still_answers(small_api, db):
     """A probe's 2,000 event streams took every connection of the API and /healthz stopped answering: each
     process now holds at most `max_waiting_clients` (long-polls, streams, Prefer: wait) and refuses more."""
