@@ -379,8 +379,12 @@ def sink_request_id(allowed: set[str]) -> str:
 
 
 def request_id_parameter() -> str | None:
-    """`request_id` (or the EAS SDKs' `requestId`): a lowercase UUID; None when absent."""
-    request_id = single_parameter("request_id") or single_parameter("requestId")
+    """`request_id` (or the EAS SDKs' `requestId`; both with the same value is fine): a lowercase UUID;
+    None when absent. Two different ids are a 400: answering (or canceling) either would be a guess."""
+    snake, camel = single_parameter("request_id"), single_parameter("requestId")
+    if snake is not None and camel is not None and snake != camel:
+        raise ApiError(400, "request_id and requestId name different requests: give one of them")
+    request_id = snake or camel
     if request_id is not None and not queueing.is_request_id(request_id):
         raise ApiError(400, "request_id is not a request id (a lowercase UUID)")
     return request_id

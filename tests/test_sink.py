@@ -169,3 +169,24 @@ def test_a_long_poll_that_runs_out_answers_the_state_of_that_moment(api, workers
     )
     assert answer.status_code == 202
     assert answer.json()["status"] in ("RETRY", "PENDING", "STARTED") and answer.json()["attempts"] >= 2
+
+
+def test_request_id_and_request_id_camel_naming_different_requests_are_a_400(api, db):
+    """`request_id=A&requestId=B` answered (or canceled) A and ignored B: now a 400 naming the conflict on the
+    JSON sink, the EAS get and the cancel, which changes nothing. The same id under both names is fine."""
+    first, second = api.submit_ok(), api.submit_ok()
+    sink = f"{api.url}/api/predict/svc/sink"
+    both = {"request_id": first, "requestId": second}
+    for method, extra in (("GET", {}), ("GET", {"_raw_": "true"}), ("GET", {"_raw_": "false"}), ("DELETE", {})):
+        answer = requests.request(method, sink, params={**both, **extra}, headers=AUTH, timeout=10)
+        assert answer.status_code == 400, (method, extra, answer.status_code, answer.text)
+        assert "request_id and requestId" in answer.json()["error"], (method, extra)
+    assert api.state(first)["status"] == api.state(second)["status"] == "PENDING"  # the DELETE canceled nothing
+    same = {"request_id": first, "requestId": first}
+    json_sink = requests.get(sink, params=same, headers=AUTH, timeout=10)
+    assert json_sink.status_code == 202 and json_sink.json()["request_id"] == first
+    eas_get = requests.get(sink, params={**same, "_raw_": "false"}, headers=AUTH, timeout=10)
+    assert eas_get.status_code == 200 and eas_get.json() == []  # not ended: no frame
+    canceled = requests.delete(sink, params=same, headers=AUTH, timeout=10)
+    assert canceled.status_code == 200 and canceled.json()["status"] == "CANCELED"
+    assert api.state(second)["status"] == "PENDING"
