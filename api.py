@@ -7,6 +7,7 @@ import math
 import re
 import select
 import socket
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -112,15 +113,37 @@ def enqueue(ctx: ApiContext, submission: queueing.Submission) -> str:
     return queued.request_id
 
 
-def wait_until_ended(ctx: ApiContext, service: str, request_id: str, seconds: float) -> lifecycle.RequestState | None:
+EXPIRY_MARGIN = 0.01  # seconds past a request's queue deadline at which a waiting client reads it again
+
+
+def wait_until_ended(
+    ctx: ApiContext, service: str, request_id: str, seconds: float, state: lifecycle.RequestState | None = None
+) -> lifecycle.RequestState | None:
     """The request's state once it has ended, read as it ends (notifier.py), or None if it has not ended
-    within `seconds` (or the client went away). The caller holds a waiting client's place."""
+    within `seconds` (or the client went away). `state`: the caller's latest read (read here if None). A
+    request that expires in the queue with no worker to see it ends without a notification, so the wait
+    also reads it at its queue deadline (`expires_in`). The caller holds a waiting client's place."""
 
     def ended() -> lifecycle.RequestState | None:
         current = known_state(ctx.connection, service, request_id)
         return current if current.status.ended else None
 
-    return ctx.notifier.wait_until(ended, seconds, request_id=request_id, gone=client_gone)
+    deadline = time.monotonic() + seconds
+    while True:
+        if state is None:
+            with ctx.notifier.reading():
+                state = known_state(ctx.connection, service, request_id)
+        if state.status.ended:
+            return state
+        left = deadline - time.monotonic()
+        if state.expires_in is None or state.expires_in >= left:
+            return ctx.notifier.wait_until(ended, max(left, 0.0), request_id=request_id, gone=client_gone)
+        woken = ctx.notifier.wait_until(
+            ended, state.expires_in + EXPIRY_MARGIN, request_id=request_id, gone=client_gone
+        )
+        if woken is not None or client_gone():
+            return woken
+        state = None  # its deadline has passed: read it again (EXPIRED, or claimed just before)
 
 
 def answer_when_ended(ctx: ApiContext, service: str, request_id: str, wait: int) -> Response:
@@ -173,7 +196,8 @@ def sink(service: str) -> tuple[Response, int] | Response:
     state = known_state(ctx.connection, service, request_id)
     if wait and not state.status.ended:
         with ctx.notifier.client():  # a long-poll: answered the moment the request ends, or when the wait is over
-            state = wait_until_ended(ctx, service, request_id, wait) or known_state(ctx.connection, service, request_id)
+            waited = wait_until_ended(ctx, service, request_id, wait, state)
+            state = waited or known_state(ctx.connection, service, request_id)
     if raw:
         return raw_answer(state)
     return jsonify(state.record()), 200 if state.status.ended else 202

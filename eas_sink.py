@@ -227,7 +227,7 @@ def _frame_of_request(ctx: api.ApiContext, service: str, params: GetParameters) 
     state = api.known_state(ctx.connection, service, request_id)
     if not state.status.ended:
         with ctx.notifier.client():
-            state = api.wait_until_ended(ctx, service, request_id, wait_for(params.wait)) or state
+            state = api.wait_until_ended(ctx, service, request_id, wait_for(params.wait), state) or state
     if not state.status.ended:
         return []
     return [frame_for(state.sink_index or 0, state.status, request_id, state, True)]

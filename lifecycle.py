@@ -106,6 +106,9 @@ class RequestState:
     sink_index: int | None = None  # its index in the service's sink log, once it has ended (sink_log.py)
     tags: dict[str, str] = field(default_factory=dict)  # its query parameters not named `_..._` (EAS's tags)
     callback: dict[str, Any] | None = None  # its completion webhook's delivery state, if it has one (webhooks.py)
+    # PENDING and never attempted, with a queue deadline: seconds (Redis's clock) until it reads EXPIRED. No
+    # worker may see the expiry, and then nothing publishes it: a waiting client reads again then (api.py).
+    expires_in: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The sink's JSON body for this state."""
@@ -227,9 +230,13 @@ def read_state(connection: redis.Redis, request_id: str) -> RequestState | None:
         return RequestState(status=RequestStatus.RETRY, error=error, retry_at=retry_at, **common)
     if rq_status == JobStatus.STARTED:
         return RequestState(status=RequestStatus.STARTED, **common)
-    if has_expired(float(raw[keys.EXPIRES_AT_FIELD] or 0), attempts, clock_seconds(time_reply)):
+    expires_at, clock = float(raw[keys.EXPIRES_AT_FIELD] or 0), clock_seconds(time_reply)
+    if has_expired(expires_at, attempts, clock):
         return RequestState(status=RequestStatus.EXPIRED, **common)
-    return RequestState(status=RequestStatus.PENDING, error=_text(raw[keys.LAST_ERROR_FIELD]), **common)
+    expires_in = expires_at - clock if attempts == 0 and expires_at > 0 else None
+    return RequestState(
+        status=RequestStatus.PENDING, error=_text(raw[keys.LAST_ERROR_FIELD]), expires_in=expires_in, **common
+    )
 
 
 def requeue_failed(connection: redis.Redis, job: Job) -> Job:

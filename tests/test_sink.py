@@ -190,3 +190,26 @@ def test_request_id_and_request_id_camel_naming_different_requests_are_a_400(api
     canceled = requests.delete(sink, params=same, headers=AUTH, timeout=10)
     assert canceled.status_code == 200 and canceled.json()["status"] == "CANCELED"
     assert api.state(second)["status"] == "PENDING"
+
+
+def test_a_long_poll_on_a_request_that_expires_unclaimed_answers_expired(api, db):
+    """No worker runs, so nothing publishes the end of a request whose `_ttl_` passes in the queue: the
+    long-poll, the EAS get and `Prefer: wait` waited out their whole timeout (60 s here) although the sink
+    reads EXPIRED from the deadline on. Each now answers EXPIRED at the deadline: within the HTTP
+    timeout of 20 s, far below the 60 s asked for."""
+    sink = f"{api.url}/api/predict/svc/sink"
+    polled = api.submit_ok(params={"_ttl_": "1"})
+    answer = requests.get(sink, params={"request_id": polled, "_timeout_": "60"}, headers=AUTH, timeout=20)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "EXPIRED" and answer.json()["attempts"] == 0
+    got = api.submit_ok(params={"_ttl_": "1"})
+    params = {"requestId": got, "_raw_": "false", "_timeout_": "60s"}
+    frames = requests.get(sink, params=params, headers=AUTH, timeout=20)
+    assert frames.status_code == 200, frames.text
+    assert [frame["message"] for frame in frames.json()] == ["EXPIRED"]
+    waited = api.submit(params={"_ttl_": "1"}, headers={"Prefer": "wait=60"})  # conftest's timeout: 10 s
+    assert waited.status_code == 200, waited.text
+    assert waited.json()["status"] == "EXPIRED" and waited.headers["Preference-Applied"] == "wait=60"
+    pending = api.submit_ok(params={"_ttl_": "600"})  # a deadline after the wait: the wait runs out as before
+    answer = requests.get(sink, params={"request_id": pending, "_timeout_": "1"}, headers=AUTH, timeout=20)
+    assert answer.status_code == 202 and answer.json()["status"] == "PENDING"
