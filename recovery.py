@@ -162,27 +162,32 @@ class OrphanSweep:
         return open_requests
 
     def find_lost(self, open_requests: dict[str, tuple[str, QueueKeys]]) -> list[Suspect]:
-        """Those of `open_requests` that are where no worker will find them."""
-        if not open_requests:
-            return []
+        """Those of `open_requests` that are where no worker will find them.
+
+        A queued one is looked for with LPOS, which stops at the first match: the oldest open requests wait
+        near their queue's head, so a sweep reads a few entries of each queue, not the whole backlog (it
+        read every queue whole, every 5 s: 40,000 ids per sweep in bench row 3). Only a request that is
+        truly lost costs a scan of its queue."""
         with self.connection.pipeline(transaction=False) as pipe:
-            for q in self.queues:
-                pipe.lrange(q.queue, 0, -1)
-                pipe.lrange(q.intermediate, 0, -1)
-            waiting = {i.decode() for ids in pipe.execute() for i in ids}
-            for request_id, (_, q) in open_requests.items():
-                pipe.zscore(q.scheduled, request_id)
-                pipe.zcard(keys.EXECUTIONS_REGISTRY_PREFIX + request_id)
-            found = pipe.execute()
+            for request_id, (status, q) in open_requests.items():
+                if status == JobStatus.QUEUED:
+                    pipe.lpos(q.queue, request_id)
+                    pipe.lpos(q.intermediate, request_id)
+                elif status == JobStatus.SCHEDULED:
+                    pipe.zscore(q.scheduled, request_id)
+                elif status == JobStatus.STARTED:
+                    pipe.zcard(keys.EXECUTIONS_REGISTRY_PREFIX + request_id)
+            found = iter(pipe.execute())
         lost = []
-        for (request_id, (status, q)), retry_at, executions in zip(
-            open_requests.items(), found[::2], found[1::2], strict=True
-        ):
-            if (
-                (status == JobStatus.QUEUED and request_id not in waiting)
-                or (status == JobStatus.SCHEDULED and retry_at is None)
-                or (status == JobStatus.STARTED and not executions)
-            ):
+        for request_id, (status, q) in open_requests.items():
+            if status == JobStatus.QUEUED:
+                in_queue, in_intermediate = next(found), next(found)
+                if in_queue is None and in_intermediate is None:
+                    lost.append(Suspect(request_id, status, q))
+            elif status == JobStatus.SCHEDULED:
+                if next(found) is None:  # not waiting for its retry
+                    lost.append(Suspect(request_id, status, q))
+            elif status == JobStatus.STARTED and not next(found):  # no live Execution
                 lost.append(Suspect(request_id, status, q))
         return lost
 

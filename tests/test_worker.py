@@ -183,6 +183,25 @@ def test_a_stopped_request_leaves_the_open_index(db, redis_server, model, settin
     assert plain.poll() is None  # the plain worker lives on after stopping the job
 
 
+def test_the_sweep_suspects_only_requests_in_no_queue_or_registry(db, submit):
+    """Queued requests are looked for in their queue and RQ's intermediate list (by LPOS, not by reading
+    the whole backlog); one in neither, one scheduled outside the ScheduledJobRegistry and one started
+    with no live Execution are suspects, and the rest are not."""
+    waiting, popped, lost, scheduled, started = (submit() for _ in range(5))
+    default = keys.queue_keys("default")
+    for request_id in (popped, lost, scheduled, started):
+        db.lrem(default.queue, 0, request_id)
+    db.rpush(default.intermediate, popped)  # where stock RQ's worker keeps what it has popped
+    db.hset(keys.job_key(scheduled), "status", "scheduled")
+    db.hset(keys.job_key(started), "status", "started")
+    sweep = OrphanSweep(db, [keys.queue_keys(n) for n in keys.QUEUE_NAMES], logging.getLogger("test"))
+    sweep.age = 0
+    suspects = sweep.find_lost(sweep.oldest_open())
+    assert sorted((s.request_id, s.status) for s in suspects) == sorted(
+        [(lost, "queued"), (scheduled, "scheduled"), (started, "started")]
+    )
+
+
 def test_a_recovery_lock_that_expired_is_never_freed_for_another_worker(db):
     """A task that outlived its lock (60 s) must not delete the lock another worker has taken since."""
     with recovery.exclusive(db, "test-task", "worker-a") as mine:
