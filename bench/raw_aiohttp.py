@@ -34,7 +34,7 @@ async def main(url: str, start_at: float, seconds: float, body: bytes, in_flight
 
         await asyncio.gather(*(post() for _ in range(in_flight)))  # connect before the window opens
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        count, started = 0, time.perf_counter()
+        count, started, cpu_started = 0, time.perf_counter(), time.process_time()
         end = started + seconds
 
         async def loop() -> None:
@@ -44,7 +44,8 @@ async def main(url: str, start_at: float, seconds: float, body: bytes, in_flight
                 count += 1
 
         await asyncio.gather(*(loop() for _ in range(in_flight)))
-        print(json.dumps({"requests": count, "seconds": time.perf_counter() - started}), flush=True)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        print(json.dumps({"requests": count, "seconds": seconds, "cpu_seconds": cpu}), flush=True)
 
 
 if __name__ == "__main__":

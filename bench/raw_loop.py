@@ -52,12 +52,13 @@ def main(url: str, start_at: float, seconds: float, body: bytes, client: str) ->
     post()  # connect before the window opens
     while time.time() < start_at:
         time.sleep(0.001)
-    count, started = 0, time.perf_counter()
+    count, started, cpu_started = 0, time.perf_counter(), time.process_time()
     end = started + seconds
     while time.perf_counter() < end:
         post()
         count += 1
-    print(json.dumps({"requests": count, "seconds": time.perf_counter() - started}), flush=True)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print(json.dumps({"requests": count, "seconds": seconds, "cpu_seconds": cpu}), flush=True)
 
 
 if __name__ == "__main__":
