@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,13 +27,13 @@ from rq.utils import utcparse
 
 import keys
 import lifecycle
+import queue_reads
 import queueing
 import redis_errors
 from settings import Settings, is_service_name
 
 SCAN_LIMIT = 10_000  # default: most requests per queue list or failed registry that `status` reads per service
 OLDEST_SAMPLE = 100  # requests at the head of a queue examined for the oldest waiting one
-CHUNK = 1_000  # ids per pipelined round trip
 
 
 class BadArgument(click.ClickException):
@@ -65,23 +64,6 @@ queue_cli = OneLineErrors("queue", help="Operate the request queues: status, req
 def _context() -> tuple[redis.Redis, Settings]:
     ctx = current_app.extensions["eas_queue"]
     return ctx.connection, ctx.settings
-
-
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(items), CHUNK):
-        yield items[start : start + CHUNK]
-
-
-def _fields(connection: redis.Redis, ids: list[str], *names: str) -> list[tuple[str | None, ...]]:
-    """The named job-hash fields of each id, decoded, in pipelined chunks."""
-    values: list[tuple[str | None, ...]] = []
-    for chunk in _chunks(ids):
-        with connection.pipeline(transaction=False) as pipe:
-            for request_id in chunk:
-                pipe.hmget(keys.job_key(request_id), names)
-            for row in pipe.execute():
-                values.append(tuple(v.decode(errors="replace") if v is not None else None for v in row))
-    return values
 
 
 def _count(number: int, noun: str) -> str:
@@ -148,7 +130,7 @@ def _queue_counts(connection: redis.Redis, clock: float) -> dict[str, QueueCount
 def _oldest_age(connection: redis.Redis, head: list[str], clock: float) -> float | None:
     """Age of the oldest request among the first of a queue: its head is first in, first out, and retries
     (which are older) go to the front, so the oldest is there."""
-    created = [c for (c,) in _fields(connection, head, "created_at") if c]
+    created = [c for (c,) in queue_reads.job_fields(connection, head, "created_at") if c]
     if not created:
         return None
     oldest = min(utcparse(c).timestamp() for c in created)
@@ -173,7 +155,7 @@ def _service_counts(
     services: dict[str, ServiceCounts] = {}
     unattributed = ServiceCounts()
     for ids, kind in ((waiting, "waiting"), (failed, "failed")):
-        for (service,) in _fields(connection, ids, keys.SERVICE_FIELD):
+        for (service,) in queue_reads.job_fields(connection, ids, keys.SERVICE_FIELD):
             counts = services.setdefault(service, ServiceCounts()) if service else unattributed
             setattr(counts, kind, getattr(counts, kind) + 1)
     return dict(sorted(services.items())), complete, unattributed
@@ -250,7 +232,7 @@ def failed_requests(
     for name in queue_names:
         ids = _decoded(connection.zrange(keys.queue_keys(name).failed, 0, -1))
         for request_id, (owner, outcome) in zip(
-            ids, _fields(connection, ids, keys.SERVICE_FIELD, keys.OUTCOME_FIELD), strict=True
+            ids, queue_reads.job_fields(connection, ids, keys.SERVICE_FIELD, keys.OUTCOME_FIELD), strict=True
         ):
             if service is not None and owner != service:
                 continue
@@ -303,8 +285,8 @@ def waiting_ids(connection: redis.Redis, queue_name: str) -> list[str]:
     """The ids waiting in a queue now, head first, read in chunks."""
     key = keys.queue_keys(queue_name).queue
     ids: list[str] = []
-    for start in range(0, connection.llen(key), CHUNK):
-        ids += _decoded(connection.lrange(key, start, start + CHUNK - 1))
+    for start in range(0, connection.llen(key), queue_reads.CHUNK):
+        ids += _decoded(connection.lrange(key, start, start + queue_reads.CHUNK - 1))
     return list(dict.fromkeys(ids))
 
 

@@ -38,6 +38,7 @@ import eas_protocol
 import forwarding
 import keys
 import lifecycle
+import queue_reads
 import redis_errors
 import sink_log
 from errors import ApiError
@@ -51,7 +52,6 @@ MAX_WINDOW = 1000  # frames a watch may hold uncommitted (`_window_`)
 LONG_POLL_MARGIN = 0.5  # a long-poll answers this much before `_timeout_` (see wait_for)
 WATCH_IDLE = 15.0  # seconds a watch waits for an end before it looks whether its client is still there
 WATCH_CHECK = 1.0  # seconds between a full window's checks for commits (they come by PUT, not on the socket)
-SCAN_CHUNK = 1000  # job hashes read per round trip when counting a service's waiting requests
 SCAN_LIMIT = 10_000  # most requests read per queue to count a service's waiting ones
 
 GET_PARAMETERS = {"_index_", "_length_", "_timeout_", "_raw_", "_auto_delete_", "requestId", "request_id"}
@@ -279,13 +279,8 @@ def waiting_requests(connection: redis.Redis, service: str, queue_names: tuple[s
     found: list[str] = []
     for name in queue_names:
         ids = [i.decode() for i in connection.lrange(keys.queue_keys(name).queue, 0, SCAN_LIMIT - 1)]
-        for start in range(0, len(ids), SCAN_CHUNK):
-            chunk = ids[start : start + SCAN_CHUNK]
-            with connection.pipeline(transaction=False) as pipe:
-                for request_id in chunk:
-                    pipe.hget(keys.job_key(request_id), keys.SERVICE_FIELD)
-                owners = pipe.execute()
-            found += [i for i, owner in zip(chunk, owners, strict=True) if owner and owner.decode() == service]
+        owners = queue_reads.job_fields(connection, ids, keys.SERVICE_FIELD)
+        found += [i for i, (owner,) in zip(ids, owners, strict=True) if owner == service]
     return found
 
 
