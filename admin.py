@@ -23,7 +23,6 @@ from flask import current_app
 from flask.cli import AppGroup
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
-from rq.utils import utcparse
 
 import keys
 import lifecycle
@@ -33,7 +32,6 @@ import redis_errors
 from settings import Settings, is_service_name
 
 SCAN_LIMIT = 10_000  # default: most requests per queue list or failed registry that `status` reads per service
-OLDEST_SAMPLE = 100  # requests at the head of a queue examined for the oldest waiting one
 
 
 class BadArgument(click.ClickException):
@@ -105,36 +103,23 @@ class Status:
     unattributed: ServiceCounts = field(default_factory=ServiceCounts)  # jobs without `eas_service`
 
 
-def _queue_counts(connection: redis.Redis, clock: float) -> dict[str, QueueCounts]:
-    """Counts from LLEN and ZCARD/ZCOUNT, one round trip. Finished, failed and canceled entries are scored by
-    their expiry: those already past it (which RQ's cleanup would drop) are not counted."""
-    live = f"({clock}"
+def _queue_counts(connection: redis.Redis, snapshot: queue_reads.QueueSnapshot) -> dict[str, QueueCounts]:
+    """The snapshot's counts, and the registries it leaves out, by ZCOUNT in one round trip. Failed,
+    finished and canceled entries are scored by their expiry: those already past it (which RQ's cleanup
+    would drop) are not counted."""
+    live = f"({snapshot.clock}"
     with connection.pipeline(transaction=False) as pipe:
-        for name in keys.QUEUE_NAMES:
+        for name in snapshot.queues:
             q = keys.queue_keys(name)
-            pipe.llen(q.queue)
-            pipe.zcard(q.started)
-            pipe.zcard(q.scheduled)
-            pipe.zcount(q.failed, live, "+inf")
-            pipe.zcount(q.finished, live, "+inf")
-            pipe.zcount(q.canceled, live, "+inf")
-            pipe.lrange(q.queue, 0, OLDEST_SAMPLE - 1)
+            pipe.zcount(q.failed, live, "+inf").zcount(q.finished, live, "+inf").zcount(q.canceled, live, "+inf")
         replies = pipe.execute()
     counts = {}
-    for index, name in enumerate(keys.QUEUE_NAMES):
-        *numbers, head = replies[index * 7 : index * 7 + 7]
-        counts[name] = QueueCounts(*numbers, oldest_waiting_seconds=_oldest_age(connection, _decoded(head), clock))
+    for index, (name, depth) in enumerate(snapshot.queues.items()):
+        failed, finished, canceled = replies[index * 3 : index * 3 + 3]
+        counts[name] = QueueCounts(
+            depth.waiting, depth.started, depth.scheduled, failed, finished, canceled, depth.oldest_waiting_seconds
+        )
     return counts
-
-
-def _oldest_age(connection: redis.Redis, head: list[str], clock: float) -> float | None:
-    """Age of the oldest request among the first of a queue: its head is first in, first out, and retries
-    (which are older) go to the front, so the oldest is there."""
-    created = [c for (c,) in queue_reads.job_fields(connection, head, "created_at") if c]
-    if not created:
-        return None
-    oldest = min(utcparse(c).timestamp() for c in created)
-    return round(max(0.0, clock - oldest), 3)
 
 
 def _service_counts(
@@ -163,9 +148,9 @@ def _service_counts(
 
 def read_status(connection: redis.Redis, scan_limit: int) -> Status:
     """What `status` reports; reads only."""
-    clock = lifecycle.clock_seconds(connection.time())
-    queues = _queue_counts(connection, clock)
-    services, complete, unattributed = _service_counts(connection, clock, scan_limit)
+    snapshot = queue_reads.read_snapshot(connection)
+    queues = _queue_counts(connection, snapshot)
+    services, complete, unattributed = _service_counts(connection, snapshot.clock, scan_limit)
     return Status(queues, services, scan_limit, complete, unattributed)
 
 

@@ -36,18 +36,17 @@ from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
-from rq.utils import utcparse
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 import forwarding
 import keys
 import logs
+import queue_reads
 
 SERVICE_ENVIRON = "eas_queue.service"  # set by api.submit once the service and its token are accepted
 STARTED_ENVIRON = "eas_queue.started"
 FORWARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BUCKET_LABELS = (*(floatToGoString(b) for b in FORWARD_BUCKETS), "+Inf")
-OLDEST_SAMPLE = 100  # requests at a queue's head read for the oldest (retries go to the front)
 SUBMIT_ENDPOINT = "api.submit"
 
 LOCAL = CollectorRegistry(auto_describe=True)  # this process's metrics, when not under gunicorn
@@ -128,7 +127,8 @@ def _local_registry() -> CollectorRegistry:
 
 
 class RedisCollector:
-    """Reads the cluster's figures from Redis at scrape time: two pipelined round trips."""
+    """Reads the cluster's figures from Redis at scrape time: the queues' snapshot (queue_reads.py), then
+    the counters, the webhooks queue and the workers."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.connection = connection
@@ -146,55 +146,32 @@ class RedisCollector:
         yield from families
 
     def _read(self) -> Iterator[Metric]:
-        counters, clock, queues, webhooks, worker_keys = self._first_round()
-        heads = {name: [i.decode() for i in q["head"]] for name, q in queues.items()}
-        created, live = self._second_round(heads, worker_keys)
+        snapshot = queue_reads.read_snapshot(self.connection)
+        counters, webhooks, worker_keys = self._first_round()
         yield from counter_families(counters)
-        yield from queue_families(queues, {name: oldest_age(created[name], clock) for name in queues})
+        yield from queue_families(snapshot.queues)
         yield from webhook_families(webhooks)
         workers = GaugeMetricFamily("eas_queue_workers", "Live RQ workers (their registration has not expired).")
-        workers.add_metric([], sum(live))
+        workers.add_metric([], sum(self._second_round(worker_keys)))
         yield workers
 
-    def _first_round(self) -> tuple[dict[bytes, bytes], float, dict, dict, list[bytes]]:
+    def _first_round(self) -> tuple[dict[bytes, bytes], dict, list[bytes]]:
         live_from = f"({time.time()}"  # finished and failed entries are scored by their expiry
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.METRICS)
-            pipe.time()
-            for name in keys.QUEUE_NAMES:
-                q = keys.queue_keys(name)
-                pipe.llen(q.queue).zcard(q.started).zcard(q.scheduled).lrange(q.queue, 0, OLDEST_SAMPLE - 1)
             w = keys.queue_keys(keys.WEBHOOKS_QUEUE)
             pipe.llen(w.queue).zcard(w.started).zcard(w.scheduled)
             pipe.zcount(w.finished, live_from, "+inf").zcount(w.failed, live_from, "+inf")
             pipe.smembers(REDIS_WORKER_KEYS)
-            counters, (seconds, micros), *rest = pipe.execute()
-        queues = {}
-        for index, name in enumerate(keys.QUEUE_NAMES):
-            waiting, started, scheduled, head = rest[index * 4 : index * 4 + 4]
-            queues[name] = {"waiting": waiting, "started": started, "scheduled": scheduled, "head": head}
-        webhook_counts = rest[len(keys.QUEUE_NAMES) * 4 : -1]
+            counters, *webhook_counts, worker_keys = pipe.execute()
         webhooks = dict(zip(("waiting", "started", "scheduled", "finished", "failed"), webhook_counts, strict=True))
-        return counters, seconds + micros / 1e6, queues, webhooks, sorted(rest[-1])
+        return counters, webhooks, sorted(worker_keys)
 
-    def _second_round(self, heads: dict[str, list[str]], worker_keys: list[bytes]) -> tuple[dict, list[int]]:
+    def _second_round(self, worker_keys: list[bytes]) -> list[int]:
         with self.connection.pipeline(transaction=False) as pipe:
-            for ids in heads.values():
-                for request_id in ids:
-                    pipe.hget(keys.job_key(request_id), "created_at")
             for key in worker_keys:
                 pipe.exists(key)
-            replies = pipe.execute()
-        created, at = {}, 0
-        for name, ids in heads.items():
-            created[name], at = replies[at : at + len(ids)], at + len(ids)
-        return created, replies[at:]
-
-
-def oldest_age(created: list[bytes | None], clock: float) -> float:
-    """Seconds the oldest of these requests has waited (0: none waits)."""
-    stamps = [utcparse(c.decode()).timestamp() for c in created if c]
-    return max(0.0, clock - min(stamps)) if stamps else 0.0
+            return pipe.execute()
 
 
 def counter_families(counters: dict[bytes, bytes]) -> Iterator[Metric]:
@@ -242,7 +219,7 @@ def forward_histogram(buckets: dict[str, dict[str, float]], sums: dict[str, floa
     return histogram
 
 
-def queue_families(queues: dict[str, dict], oldest: dict[str, float]) -> Iterator[Metric]:
+def queue_families(queues: dict[str, queue_reads.QueueDepth]) -> Iterator[Metric]:
     """Per priority: waiting (the backlog KEDA scales on), its oldest's age, being forwarded, retrying."""
     families = {
         "waiting": GaugeMetricFamily("eas_queue_waiting_requests", "Requests waiting in a queue.", labels=["priority"]),
@@ -258,10 +235,10 @@ def queue_families(queues: dict[str, dict], oldest: dict[str, float]) -> Iterato
         "How long the oldest request waiting in the queue has waited (0: none waits).",
         labels=["priority"],
     )
-    for name, counts in queues.items():
+    for name, depth in queues.items():
         for field, family in families.items():
-            family.add_metric([name], counts[field])
-        age.add_metric([name], round(oldest[name], 3))
+            family.add_metric([name], getattr(depth, field))
+        age.add_metric([name], depth.oldest_waiting_seconds or 0.0)
     yield from (*families.values(), age)
 
 
