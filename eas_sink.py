@@ -25,7 +25,6 @@ from typing import Any, NoReturn
 import redis
 from flask import Blueprint, Response, g, jsonify, request
 from flask_sock import Sock
-from rq.worker_registration import REDIS_WORKER_KEYS
 from simple_websocket import ConnectionClosed, Server
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
@@ -236,24 +235,11 @@ def _frame_of_request(ctx: api.ApiContext, service: str, params: GetParameters) 
 # --- attributes and counts ------------------------------------------------------------------------------
 
 
-def _live_workers(connection: redis.Redis) -> int:
-    """RQ workers whose heartbeat key is still there (RQ drops dead ones from its set only now and then)."""
-    names = connection.smembers(REDIS_WORKER_KEYS)
-    if not names:
-        return 0
-    with connection.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.exists(name)
-        return sum(pipe.execute())
-
-
 def _ours(connection: redis.Redis) -> dict[str, str]:
-    with connection.pipeline(transaction=False) as pipe:
-        for name in keys.QUEUE_NAMES:
-            pipe.llen(keys.queue_keys(name).queue)
-        lengths = pipe.execute()
-    ours = {f"queue.{name}.length": str(n) for name, n in zip(keys.QUEUE_NAMES, lengths, strict=True)}
-    ours["workers.live"] = str(_live_workers(connection))
+    """What waits in each queue (all services) and the live workers: the figures /metrics shows."""
+    snapshot = queue_reads.read_snapshot(connection)
+    ours = {f"queue.{name}.length": str(depth.waiting) for name, depth in snapshot.queues.items()}
+    ours["workers.live"] = str(snapshot.live_workers)
     return ours
 
 

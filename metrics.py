@@ -36,7 +36,6 @@ from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
-from rq.worker_registration import REDIS_WORKER_KEYS
 
 import forwarding
 import keys
@@ -127,8 +126,8 @@ def _local_registry() -> CollectorRegistry:
 
 
 class RedisCollector:
-    """Reads the cluster's figures from Redis at scrape time: the queues' snapshot (queue_reads.py), then
-    the counters, the webhooks queue and the workers."""
+    """Reads the cluster's figures from Redis at scrape time in three pipelined round trips: the snapshot of
+    the queues and workers (queue_reads.py, two), then the counters and the webhooks queue."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.connection = connection
@@ -147,31 +146,24 @@ class RedisCollector:
 
     def _read(self) -> Iterator[Metric]:
         snapshot = queue_reads.read_snapshot(self.connection)
-        counters, webhooks, worker_keys = self._first_round()
+        counters, webhooks = self._counters_and_webhooks()
         yield from counter_families(counters)
         yield from queue_families(snapshot.queues)
         yield from webhook_families(webhooks)
         workers = GaugeMetricFamily("eas_queue_workers", "Live RQ workers (their registration has not expired).")
-        workers.add_metric([], sum(self._second_round(worker_keys)))
+        workers.add_metric([], snapshot.live_workers)
         yield workers
 
-    def _first_round(self) -> tuple[dict[bytes, bytes], dict, list[bytes]]:
+    def _counters_and_webhooks(self) -> tuple[dict[bytes, bytes], dict[str, int]]:
         live_from = f"({time.time()}"  # finished and failed entries are scored by their expiry
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.METRICS)
             w = keys.queue_keys(keys.WEBHOOKS_QUEUE)
             pipe.llen(w.queue).zcard(w.started).zcard(w.scheduled)
             pipe.zcount(w.finished, live_from, "+inf").zcount(w.failed, live_from, "+inf")
-            pipe.smembers(REDIS_WORKER_KEYS)
-            counters, *webhook_counts, worker_keys = pipe.execute()
+            counters, *webhook_counts = pipe.execute()
         webhooks = dict(zip(("waiting", "started", "scheduled", "finished", "failed"), webhook_counts, strict=True))
-        return counters, webhooks, sorted(worker_keys)
-
-    def _second_round(self, worker_keys: list[bytes]) -> list[int]:
-        with self.connection.pipeline(transaction=False) as pipe:
-            for key in worker_keys:
-                pipe.exists(key)
-            return pipe.execute()
+        return counters, webhooks
 
 
 def counter_families(counters: dict[bytes, bytes]) -> Iterator[Metric]:

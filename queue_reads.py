@@ -9,6 +9,7 @@ from itertools import islice
 
 import redis
 from rq.utils import utcparse
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 import keys
 import lifecycle
@@ -30,34 +31,43 @@ class QueueDepth:
 
 @dataclass(frozen=True)
 class QueueSnapshot:
+    """The queues and the workers that drain them, as every report shows them."""
+
     clock: float  # Redis's clock at the read (lifecycle.clock_seconds): the one clock every host shares
     queues: dict[str, QueueDepth]  # by name, in keys.QUEUE_NAMES's priority order
+    live_workers: int  # RQ workers whose registration has not expired (RQ drops dead ones from its set late)
 
 
 def read_snapshot(connection: redis.Redis) -> QueueSnapshot:
-    """Every queue's depth in two pipelined round trips: the clock, the counts and each queue's head; then
-    the heads' `created_at`."""
+    """The queues and their workers in two pipelined round trips: the clock, each queue's counts and head,
+    and RQ's set of workers; then the heads' `created_at` and whether each worker's key is still there."""
     with connection.pipeline(transaction=False) as pipe:
         pipe.time()
         for name in keys.QUEUE_NAMES:
             q = keys.queue_keys(name)
             pipe.llen(q.queue).zcard(q.started).zcard(q.scheduled).lrange(q.queue, 0, OLDEST_SAMPLE - 1)
-        time_reply, *replies = pipe.execute()
-    clock = lifecycle.clock_seconds(time_reply)
+        pipe.smembers(REDIS_WORKER_KEYS)
+        time_reply, *replies, worker_keys = pipe.execute()
     counts = {name: replies[index * 4 : index * 4 + 4] for index, name in enumerate(keys.QUEUE_NAMES)}
-    heads = [request_id.decode() for *_, head in counts.values() for request_id in head]
-    created = iter(job_fields(connection, heads, "created_at"))
+    with connection.pipeline(transaction=False) as pipe:
+        for *_, head in counts.values():
+            for request_id in head:
+                pipe.hget(keys.job_key(request_id.decode()), "created_at")
+        for key in worker_keys:
+            pipe.exists(key)
+        found = iter(pipe.execute())
+    clock = lifecycle.clock_seconds(time_reply)
     queues = {
-        name: QueueDepth(waiting, started, scheduled, oldest_age([c for (c,) in islice(created, len(head))], clock))
+        name: QueueDepth(waiting, started, scheduled, oldest_age(list(islice(found, len(head))), clock))
         for name, (waiting, started, scheduled, head) in counts.items()
     }
-    return QueueSnapshot(clock, queues)
+    return QueueSnapshot(clock, queues, live_workers=sum(found))  # what is left: one EXISTS per worker
 
 
-def oldest_age(created: list[str | None], clock: float) -> float | None:
+def oldest_age(created: list[bytes | None], clock: float) -> float | None:
     """Seconds the oldest of these requests has waited, to the millisecond (None: none waits). A queue's
     head holds its oldest: a queue is first in, first out, and retries (which are older) go to the front."""
-    stamps = [utcparse(c).timestamp() for c in created if c]
+    stamps = [utcparse(c.decode()).timestamp() for c in created if c]
     return round(max(0.0, clock - min(stamps)), 3) if stamps else None
 
 
