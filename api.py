@@ -23,6 +23,7 @@ import forwarding
 import keys
 import lifecycle
 import metrics
+import query
 import queueing
 import redis_errors
 from auth import check_token
@@ -36,7 +37,6 @@ bp = Blueprint("api", __name__)
 RESERVED_PARAMETERS = {"_priority_", "_ttl_"}
 ID_PARAMETERS = {"request_id", "requestId"}  # requestId: the EAS SDKs' name
 SINK_PARAMETERS = ID_PARAMETERS | {"_timeout_", "_raw_"}
-MAX_WAIT = 60.0  # seconds a client may wait for a request to end (_timeout_)
 RAW_ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 QUEUE_FULL_RETRY_AFTER = 2  # seconds a client is asked to wait when a queue is full
@@ -167,7 +167,7 @@ _DELTA_SECONDS = re.compile(r"[0-9]+")  # ASCII digits only: `1e3`, `1.5`, `-1` 
 
 def preferred_wait() -> int:
     """Seconds from `Prefer: wait=<n>` (RFC 7240: n is delta-seconds, plain digits, quoted or not), at most
-    MAX_WAIT; 0 without it. A preference is a hint: a larger n is honoured up to MAX_WAIT, and a malformed
+    query.MAX_WAIT; 0 without it. A preference is a hint: a larger n is honoured up to that, and a malformed
     one (`1e3` was read as 1) is ignored, as is any `wait` after the first (the RFC's rules)."""
     for element in _LIST_ELEMENT.findall(", ".join(request.headers.getlist("Prefer"))):
         name = _PREFERENCE_NAME.match(element)
@@ -177,7 +177,8 @@ def preferred_wait() -> int:
         value = (preference[1] or "").removeprefix('"').removesuffix('"') if preference else ""
         if not _DELTA_SECONDS.fullmatch(value):
             return 0
-        return int(MAX_WAIT) if len(value) > 6 else min(int(value), int(MAX_WAIT))  # no int() of 5,000 digits
+        most = int(query.MAX_WAIT)
+        return most if len(value) > 6 else min(int(value), most)  # no int() of 5,000 digits
     return 0
 
 
@@ -191,8 +192,8 @@ def sink(service: str) -> tuple[Response, int] | Response:
         return events.stream(ctx, service)
     if eas_sink.handles_sink_get():  # the EAS SDK's get, attributes, count
         return eas_sink.sink_get(ctx, service)
-    request_id = sink_request_id(SINK_PARAMETERS)
-    wait, raw = wait_parameter(), flag_parameter("_raw_")
+    request_id = sink_request_id(SINK_PARAMETERS, "the sink")
+    wait, raw = query.wait(), query.flag("_raw_")
     state = known_state(ctx.connection, service, request_id)
     if wait and not state.status.ended:
         with ctx.notifier.client():  # a long-poll: answered the moment the request ends, or when the wait is over
@@ -209,7 +210,7 @@ def cancel(service: str) -> tuple[Response, int] | Response:
     check_service(ctx.settings, service)
     if eas_sink.handles_sink_delete():  # the EAS SDK's delete and truncate, by sink index
         return eas_sink.sink_delete(ctx, service)
-    request_id = sink_request_id(ID_PARAMETERS)
+    request_id = sink_request_id(ID_PARAMETERS, "cancel")
     known_state(ctx.connection, service, request_id)  # 404 unless it is this service's
     outcome = lifecycle.cancel(ctx.connection, request_id, ctx.settings.result_ttl)
     state = known_state(ctx.connection, service, request_id)
@@ -286,13 +287,6 @@ def check_service(settings: Settings, service: str) -> None:
         raise ApiError(404, f"unknown service {service!r}")
 
 
-def single_parameter(name: str) -> str | None:
-    values = request.args.getlist(name)
-    if len(values) > 1:
-        raise ApiError(400, f"{name} given more than once")
-    return values[0] if values else None
-
-
 def _ttl(text: str | None) -> float | None:
     if text is None:
         return None
@@ -307,15 +301,12 @@ def _ttl(text: str | None) -> float | None:
 
 def submission_from_request(settings: Settings, service: str, subpath: str) -> queueing.Submission:
     args = request.args
-    priority = ttl_text = None
+    high, ttl = False, None
     if args:
         unknown = sorted(k for k in args if k.startswith("_") and k not in RESERVED_PARAMETERS)
         if unknown:
             raise ApiError(400, f"unknown reserved query parameter {unknown[0]!r} (known: _priority_, _ttl_)")
-        priority, ttl_text = single_parameter("_priority_"), single_parameter("_ttl_")
-    if priority not in (None, "0", "1"):
-        raise ApiError(400, "_priority_ must be 0 or 1")
-    ttl = _ttl(ttl_text)
+        high, ttl = query.priority() or False, _ttl(query.single("_ttl_"))
     headers = request.headers
     key = headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH and key.isascii() and key.isprintable()):
@@ -330,7 +321,7 @@ def submission_from_request(settings: Settings, service: str, subpath: str) -> q
         query=tuple((k, v) for k, v in args.items(multi=True) if not k.startswith("_")) if args else (),
         content_type=headers.get("Content-Type"),
         body=body,
-        priority=priority == "1",
+        priority=high,
         ttl=ttl,
         idempotency_key=key,
         raw_query=forwarding.forwarded_query(request.query_string),
@@ -392,29 +383,12 @@ def _read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def sink_request_id(allowed: set[str]) -> str:
-    unknown = sorted(set(request.args) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (here: {', '.join(sorted(allowed))})")
-    request_id = request_id_parameter()
+def sink_request_id(allowed: set[str], where: str) -> str:
+    query.only(allowed, where)
+    request_id = query.request_id()
     if not request_id:
         raise ApiError(400, "request_id query parameter is required")
     return request_id
-
-
-def request_id_parameter() -> str | None:
-    """`request_id` (or the EAS SDKs' `requestId`; both with the same value is fine): a lowercase UUID;
-    None when absent. Two different ids are a 400: answering (or canceling) either would be a guess."""
-    snake, camel = single_parameter("request_id"), single_parameter("requestId")
-    if snake is not None and camel is not None and snake != camel:
-        raise ApiError(400, "request_id and requestId name different requests: give one of them")
-    request_id = snake or camel
-    if request_id is not None and not queueing.is_request_id(request_id):
-        raise ApiError(400, "request_id is not a request id (a lowercase UUID)")
-    return request_id
-
-
-_DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m)?")  # ASCII digits: "١٢" is not a number here
 
 
 def client_gone() -> bool:
@@ -428,34 +402,6 @@ def client_gone() -> bool:
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
-
-
-TRUE_WORDS, FALSE_WORDS = ("true", "1"), ("false", "0")  # any case: the EAS SDKs write true/false
-
-
-def flag_parameter(name: str, default: bool = False) -> bool:
-    """A true/false parameter of any endpoint: `true`/`1` or `false`/`0`, in any case (absent: `default`);
-    anything else is a 400."""
-    text = single_parameter(name)
-    if text is None:
-        return default
-    if text.lower() not in TRUE_WORDS + FALSE_WORDS:
-        raise ApiError(400, f"{name} must be true or false")
-    return text.lower() in TRUE_WORDS
-
-
-def wait_parameter() -> float:
-    """`_timeout_`: seconds, or an EAS duration (`5s`, `500ms`, `1m`), at most MAX_WAIT; 0 when absent."""
-    text = single_parameter("_timeout_")
-    if text is None:
-        return 0.0
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        raise ApiError(400, "_timeout_ must be seconds or a duration such as 5s or 500ms")
-    seconds = float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match[2]]
-    if seconds > MAX_WAIT:
-        raise ApiError(400, f"_timeout_ may be at most {MAX_WAIT:g}s")
-    return seconds
 
 
 _HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?")

@@ -37,6 +37,7 @@ import eas_protocol
 import forwarding
 import keys
 import lifecycle
+import query
 import queue_reads
 import redis_errors
 import sink_log
@@ -57,9 +58,6 @@ GET_PARAMETERS = {"_index_", "_length_", "_timeout_", "_raw_", "_auto_delete_", 
 WATCH_PARAMETERS = {"_watch_", "_index_", "_window_", "_index_only_", "_auto_commit_"}
 _FRAME_TRIGGERS = ("_index_", "_length_", "_auto_delete_")
 _MODEL_CODE = re.compile(r"the model answered HTTP ([0-9]{3})")
-# A sink index or a count: ASCII digits only (str.isdigit() takes '²', which int() refuses, and int() takes
-# '١٢'), and at most 18 of them, so that an index stays below 2**64 and Redis never sees an invalid stream id.
-_NUMBER = re.compile(r"[0-9]{1,18}")
 WEBSOCKET_VERSION = "13"
 _NO_INPUT_INDEXES = (
     "the input queue has no indexes: a put answers the request id, not an index; read a request at "
@@ -76,41 +74,12 @@ def handles_sink_get() -> bool:
     args = request.args
     if "_attrs_" in args or "_count_" in args or "_search_" in args:
         return True
-    return args.get("_raw_", "").lower() in api.FALSE_WORDS or any(name in args for name in _FRAME_TRIGGERS)
+    return args.get("_raw_", "").lower() in query.FALSE_WORDS or any(name in args for name in _FRAME_TRIGGERS)
 
 
 def handles_sink_delete() -> bool:
     """A DELETE on the sink by index (`_indexes_`, or `_index_` with `_trunc_`); by request id is a cancel."""
     return "request_id" not in request.args and "requestId" not in request.args
-
-
-# --- parameters -----------------------------------------------------------------------------------------
-
-
-def _only(allowed: set[str], where: str) -> None:
-    unknown = sorted(set(request.args) - allowed)
-    if unknown:
-        name = unknown[0]
-        what = "filtering by tags is not supported" if not name.startswith("_") else "unknown parameter"
-        raise ApiError(400, f"{what}: {name!r} ({where} takes {', '.join(sorted(allowed))})")
-
-
-def _integer(name: str, default: int, minimum: int, maximum: int | None = None) -> int:
-    text = api.single_parameter(name)
-    if text is None:
-        return default
-    value = int(text) if _NUMBER.fullmatch(text) else -1
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
-        raise ApiError(400, f"{name} must be a whole number {bounds} (ASCII digits, at most 18)")
-    return value
-
-
-def _indexes() -> list[int]:
-    parts = [p.strip() for p in (api.single_parameter("_indexes_") or "").split(",")]
-    if not all(_NUMBER.fullmatch(p) for p in parts):
-        raise ApiError(400, "_indexes_ must be sink indexes (ASCII digits, at most 18) separated by commas, e.g. 3,4")
-    return [int(p) for p in parts]
 
 
 # --- frames ---------------------------------------------------------------------------------------------
@@ -160,10 +129,10 @@ def sink_get(ctx: api.ApiContext, service: str) -> Response:
     """The EAS calls that GET the sink queue: attributes, count, or frames (get)."""
     args = request.args
     if "_attrs_" in args:
-        _only({"_attrs_"}, "_attrs_")
+        query.only({"_attrs_"}, "_attrs_")
         return jsonify(sink_attributes(ctx, service))
     if "_count_" in args:
-        _only({"_count_"}, "_count_")
+        query.only({"_count_"}, "_count_")
         return jsonify(sink_log.length(ctx.connection, service))
     if "_search_" in args:
         raise ApiError(400, "_search_ is not supported on the sink: an entry there has ended; read it with get")
@@ -180,15 +149,15 @@ class GetParameters:
 
 
 def _get_parameters() -> GetParameters:
-    _only(GET_PARAMETERS, "get")
-    if api.flag_parameter("_raw_"):
+    query.only(GET_PARAMETERS, "get")
+    if query.flag("_raw_"):
         raise ApiError(400, "_raw_=true reads one request: use it with requestId alone")
     return GetParameters(
-        request_id=api.request_id_parameter(),
-        index=_integer("_index_", 0, 0),
-        length=_integer("_length_", 1, 1, MAX_LENGTH),
-        wait=api.wait_parameter(),
-        auto_delete=api.flag_parameter("_auto_delete_", False),
+        request_id=query.request_id(),
+        index=query.whole_number("_index_", 0, 0),
+        length=query.whole_number("_length_", 1, 1, MAX_LENGTH),
+        wait=query.wait(),
+        auto_delete=query.flag("_auto_delete_", False),
     )
 
 
@@ -292,14 +261,12 @@ def input_get(ctx: api.ApiContext, service: str) -> Response:
     if "_search_" in args:
         raise ApiError(400, f"_search_ is not supported: {_NO_INPUT_INDEXES}")
     if "_attrs_" in args:
-        _only({"_attrs_"}, "_attrs_")
+        query.only({"_attrs_"}, "_attrs_")
         return jsonify(input_attributes(ctx, service))
     if "_count_" in args:
-        _only({"_count_", "_priority_"}, "_count_")
-        priority = api.single_parameter("_priority_")
-        if priority not in (None, "0", "1"):
-            raise ApiError(400, "_priority_ must be 0 or 1")
-        names = keys.QUEUE_NAMES if priority is None else (keys.QUEUE_NAMES[0 if priority == "1" else 1],)
+        query.only({"_count_", "_priority_"}, "_count_")
+        high = query.priority()
+        names = keys.QUEUE_NAMES if high is None else (keys.QUEUE_NAMES[0 if high else 1],)
         return jsonify(len(waiting_requests(ctx.connection, service, names)))
     raise ApiError(400, "GET on the input queue takes _attrs_=true or _count_=true; submit with POST")
 
@@ -319,23 +286,23 @@ def _ok() -> Response:
 
 def commit(ctx: api.ApiContext, service: str) -> Response:
     """PUT `_indexes_`: these entries are done with; they leave the sink queue."""
-    _only({"_indexes_", "_negative_"}, "commit")
-    if api.flag_parameter("_negative_", False):
+    query.only({"_indexes_", "_negative_"}, "commit")
+    if query.flag("_negative_", False):
         raise ApiError(400, "_negative_ (nack) is not supported: an entry stays in the sink queue until committed")
-    sink_log.delete(ctx.connection, service, _indexes())
+    sink_log.delete(ctx.connection, service, query.indexes())
     return _ok()
 
 
 def sink_delete(ctx: api.ApiContext, service: str) -> Response:
     """DELETE `_indexes_` (delete) or `_index_=N&_trunc_=true` (truncate: every entry below N)."""
     if "_indexes_" in request.args:
-        _only({"_indexes_"}, "delete")
-        sink_log.delete(ctx.connection, service, _indexes())
+        query.only({"_indexes_"}, "delete")
+        sink_log.delete(ctx.connection, service, query.indexes())
         return _ok()
-    _only({"_index_", "_trunc_"}, "truncate")
-    if not api.flag_parameter("_trunc_", False) or "_index_" not in request.args:
+    query.only({"_index_", "_trunc_"}, "truncate")
+    if not query.flag("_trunc_", False) or "_index_" not in request.args:
         raise ApiError(400, "DELETE on the sink takes request_id (cancel), _indexes_, or _index_ with _trunc_=true")
-    sink_log.truncate(ctx.connection, service, _integer("_index_", 0, 0))
+    sink_log.truncate(ctx.connection, service, query.whole_number("_index_", 0, 0))
     return _ok()
 
 
@@ -351,14 +318,14 @@ class WatchParameters:
 
 
 def _watch_parameters() -> WatchParameters:
-    _only(WATCH_PARAMETERS, "watch")
-    if not api.flag_parameter("_watch_", False):
+    query.only(WATCH_PARAMETERS, "watch")
+    if not query.flag("_watch_", False):
         raise ApiError(400, "a WebSocket on the sink is a watch: add _watch_=true")
     return WatchParameters(
-        index=_integer("_index_", 0, 0),
-        window=_integer("_window_", 1, 1, MAX_WINDOW),
-        index_only=api.flag_parameter("_index_only_", False),
-        auto_commit=api.flag_parameter("_auto_commit_", False),
+        index=query.whole_number("_index_", 0, 0),
+        window=query.whole_number("_window_", 1, 1, MAX_WINDOW),
+        index_only=query.flag("_index_only_", False),
+        auto_commit=query.flag("_auto_commit_", False),
     )
 
 

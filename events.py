@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from flask import Response, request, stream_with_context
 
 import api
 import lifecycle
+import query
 import redis_errors
 import sink_log
 from errors import ApiError
@@ -38,7 +38,6 @@ PARAMETERS = {"_watch_", "_index_"}
 MEDIA_TYPE = "text/event-stream"
 
 
-SINK_INDEX = re.compile(r"[0-9]{1,18}")  # ASCII digits only (str.isdigit takes "²"), below 2**63 for Redis
 RETRY_MS = 5000  # how long a client waits before it reconnects (the `retry:` field), e.g. while Redis is away
 
 
@@ -49,18 +48,14 @@ def wants_events() -> bool:
 
 def _first_index(connection: redis.Redis, service: str) -> int:
     """Where the stream starts: after Last-Event-ID, at `_index_`, or after the last entry so far."""
-    unknown = sorted(set(request.args) - PARAMETERS)
-    if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (a stream takes _watch_ and _index_)")
-    if any(len(request.args.getlist(name)) > 1 for name in PARAMETERS):
-        raise ApiError(400, "_watch_ and _index_ may each be given once")
-    if not api.flag_parameter("_watch_"):
+    query.only(PARAMETERS, "a stream")
+    start = query.single("_index_")
+    if not query.flag("_watch_"):
         raise ApiError(400, "a stream is asked for with _watch_=true")
     last_seen = request.headers.get("Last-Event-ID", "").strip()
-    start = request.args.get("_index_")
     for name, text, offset in (("Last-Event-ID", last_seen, 1), ("_index_", start, 0)):
         if text:
-            if not SINK_INDEX.fullmatch(text):
+            if not query.WHOLE_NUMBER.fullmatch(text):
                 raise ApiError(400, f"{name} must be a sink index (a whole number)")
             return int(text) + offset
     return (sink_log.last_index(connection, service) or 0) + 1
