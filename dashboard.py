@@ -15,6 +15,8 @@ rq-dashboard 0.9.0 is used as it ships, with a few changes made here rather than
 - The workers list shows what a request is (service, priority, body size, attempt, last error), never the
   job's call string, which holds the whole request body.
 - The favicon link points at the dashboard's own favicon (it pointed at the app's missing /static/).
+- Compact of an empty queue answers OK: RQ's compact renames the queue's list, which Redis refuses when the
+  list is not there (it was a 503 claiming Redis was unavailable).
 - A URL whose job id, registry or page no job or page can have is a 404 before its view runs: rq refuses
   such a job id with a ValueError, and the job list divides by its page size (each was a 500).
 """
@@ -30,7 +32,7 @@ import redis
 import rq_dashboard
 from flask import Flask, Response, current_app, g, jsonify, request
 from jinja2 import BaseLoader, ChoiceLoader, Environment, TemplateNotFound
-from rq import Worker
+from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, validate_job_id
 from rq.registry import FailedJobRegistry
@@ -156,6 +158,18 @@ def requeue_all(queue_name: str) -> Response:
     return jsonify(status="OK", count=count)
 
 
+def compact_queue(queue_name: str) -> Response:
+    """RQ's compact (drop ids whose job is gone); an empty queue has nothing to compact. RQ renames the
+    queue's list first, which Redis refuses for a list that is not there: that was a 503 "Redis
+    unavailable" (errors.py reads any Redis error so)."""
+    try:
+        Queue(queue_name, connection=_redis()).compact()
+    except redis.ResponseError as error:
+        if "no such key" not in str(error).lower():
+            raise
+    return jsonify(status="OK")
+
+
 def current_request(job: Job | None) -> dict[str, Any] | str:
     """What a worker is forwarding, as an operator needs it: never the body (the call string holds it)."""
     if job is None:
@@ -239,6 +253,7 @@ def add_dashboard(app: Flask, settings: Settings, connection: redis.Redis | None
 
     app.view_functions[f"{BLUEPRINT}.requeue_job_view"] = requeue_one
     app.view_functions[f"{BLUEPRINT}.requeue_all"] = requeue_all
+    app.view_functions[f"{BLUEPRINT}.compact_queue"] = compact_queue
     app.view_functions[f"{BLUEPRINT}.list_workers"] = list_workers
 
     def dashboard_guard() -> Response | None:

@@ -125,6 +125,20 @@ def test_requeue_all_skips_jobs_that_are_gone(api, workers, db):
     assert api.wait_status(kept, "FAILURE")["attempts"] == 2  # it ran again
 
 
+def test_compact_drops_ids_whose_job_is_gone_and_an_empty_queue_has_nothing_to_compact(api, db):
+    """RQ's compact renames the queue's list first, which Redis refuses for a list that is not there: an
+    empty queue was a 503 saying Redis was unavailable."""
+    auth, origin = ("ops", TOKEN), {"Origin": api.url}
+    compact = f"{api.url}/rq/queue/default/compact"
+    empty = requests.post(compact, auth=auth, headers=origin, timeout=5)
+    assert empty.status_code == 200 and empty.json() == {"status": "OK"}, empty.text
+    kept, gone = api.submit_ok(), api.submit_ok()
+    db.delete(f"rq:job:{gone}")
+    full = requests.post(compact, auth=auth, headers=origin, timeout=5)
+    assert full.status_code == 200 and full.json() == {"status": "OK"}, full.text
+    assert db.lrange("rq:queue:default", 0, -1) == [kept.encode()]
+
+
 def test_workers_list_shows_the_request_not_its_body(api, workers, db):
     """The workers list said `worker.forward('svc', ..., b'<the whole body>')`; now what, not the body."""
     body = b'{"secret": "BODY-MUST-NOT-SHOW-' + b"x" * 100 + b'"}'
