@@ -35,11 +35,10 @@ class InFlight:
     result_ttl: int | None
     failure_ttl: int | None
     # For the metrics and log lines (metrics.py, logs.py): which attempt this is, when the request was
-    # accepted (RQ's timestamp text), and what the attempt took and got (set by QueueWorker._forward).
+    # accepted (RQ's timestamp text), and how long the attempt took (set by QueueWorker._forward).
     attempt: int = 0
     enqueued_at: str | None = None
     forward_seconds: float = 0.0
-    model_code: str = "none"  # the model's HTTP status code, "none" when it did not answer
 
     @property
     def composite_key(self) -> str:

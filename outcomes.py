@@ -47,13 +47,13 @@ class Outcome:
     retries_left: int | None = None
     result: dict[str, Any] | None = None
 
-    def script_args(self, item: InFlight) -> list[Any]:
-        """This outcome's record in lua/record_outcomes.lua's ARGV."""
+    def script_args(self, item: InFlight, model_code: str) -> list[Any]:
+        """This outcome's record in lua/record_outcomes.lua's ARGV (`model_code`: metrics.model_status)."""
         result = self.result or {}
         retries = "" if self.retries_left is None else self.retries_left
         args = [self.status.value, item.id, item.execution_id, item.queue.started, self.registry, self.score]
         args += [self.ttl, self.last_error, retries, len(result)]
-        args += [item.model_code, repr(item.forward_seconds), metrics.bucket_label(item.forward_seconds)]
+        args += [model_code, repr(item.forward_seconds), metrics.bucket_label(item.forward_seconds)]
         for pair in result.items():
             args += pair
         return args
@@ -84,7 +84,7 @@ def log_recorded(batch: list[tuple[InFlight, Attempt]]) -> None:
             item.attempt,
             status,
             waited,
-            model_status=item.model_code,
+            model_status=metrics.model_status(attempt),
             attempt_seconds=seconds,
         )
 
@@ -106,7 +106,7 @@ class OutcomeRecorder:
         args += [keys.EXECUTION_PREFIX, keys.EXECUTIONS_REGISTRY_PREFIX, FINISHED_JOB_DATA, repr(clock)]
         args += [keys.SINK_INDEXES, keys.SINK_LOG_PREFIX, keys.ENDED_CHANNEL, keys.CALLBACK_OUTBOX]
         for item, attempt in batch:
-            args += self.decide(item, attempt, clock, ended_at).script_args(item)
+            args += self.decide(item, attempt, clock, ended_at).script_args(item, metrics.model_status(attempt))
         return args
 
     def decide(self, item: InFlight, attempt: Attempt, clock: float, ended_at: datetime) -> Outcome:

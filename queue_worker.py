@@ -27,7 +27,6 @@ import async_forwarding
 import async_redis
 import claiming
 import keys
-import metrics
 import recovery
 import redis_errors
 import redis_scripts
@@ -213,14 +212,11 @@ class QueueWorker(BaseWorker):
         return await self._claim(0, adopted=(index, job_id))
 
     async def _forward(self, item: InFlight) -> None:
-        """One attempt, handed to the committer; its duration and the model's status code are noted on
-        `item`, for the metrics and the log."""
+        """One attempt, handed to the committer; its duration is noted on `item`, for the metrics and the log."""
         started = time.perf_counter()
         result = await self._attempt(item)
-        try:
-            item.forward_seconds, item.model_code = time.perf_counter() - started, metrics.model_status(result)
-        finally:  # whatever the metrics make of it, the outcome is recorded
-            self._committer.put(item, result)
+        item.forward_seconds = time.perf_counter() - started
+        self._committer.put(item, result)
 
     async def _attempt(self, item: InFlight) -> Attempt:
         """One attempt at one request; never raises."""

@@ -276,12 +276,12 @@ def test_a_batch_is_counted_and_published_once(redis_server, db, settings, enque
     worker = queue_worker(redis_server, settings)
     items = claim(worker, 3)
     for item in items:
-        item.model_code, item.forward_seconds = "200", 0.25
+        item.forward_seconds = 0.25
     pubsub = db.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.ENDED_CHANNEL)
     assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
     recorder = OutcomeRecorder(db, settings, worker.name, worker.executions_key, worker.key)
-    assert record(recorder, [(item, Attempt(result={"status": "success"})) for item in items]) == 0
+    assert record(recorder, [(item, Attempt(result={"status": "success"}, status_code=200)) for item in items]) == 0
     message = pubsub.get_message(timeout=5)
     assert message is not None and pubsub.get_message(timeout=0.2) is None  # one message for the batch
     lines = message["data"].decode().splitlines()
