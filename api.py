@@ -8,6 +8,7 @@ import re
 import select
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -159,17 +160,33 @@ def answer_when_ended(ctx: ApiContext, service: str, request_id: str, wait: int)
 # RFC 7240's grammar: `Prefer: 1#( token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] ) )`.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
-_LIST_ELEMENT = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*(?:"|$))+')  # up to a comma outside quotes
 _PREFERENCE_NAME = re.compile(rf"[ \t]*({_TOKEN})")
 _PREFERENCE = re.compile(rf"[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*({_TOKEN}|{_QUOTED}))?[ \t]*(?:;.*)?", re.DOTALL)
 _DELTA_SECONDS = re.compile(r"[0-9]+")  # ASCII digits only: `1e3`, `1.5`, `-1` and `²` are not seconds
+
+
+def _list_elements(header: str) -> Iterator[str]:
+    """The comma-separated elements of a header, a comma inside a quoted string kept, in one pass: a
+    regex for this backtracked quadratically on `"a\\` repeated (8 KB took 0.8 s of a worker)."""
+    start, quoted, escaped = 0, False, False
+    for at, char in enumerate(header):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            yield header[start:at]
+            start = at + 1
+    yield header[start:]
 
 
 def preferred_wait() -> int:
     """Seconds from `Prefer: wait=<n>` (RFC 7240: n is delta-seconds, plain digits, quoted or not), at most
     query.MAX_WAIT; 0 without it. A preference is a hint: a larger n is honoured up to that, and a malformed
     one (`1e3` was read as 1) is ignored, as is any `wait` after the first (the RFC's rules)."""
-    for element in _LIST_ELEMENT.findall(", ".join(request.headers.getlist("Prefer"))):
+    for element in _list_elements(", ".join(request.headers.getlist("Prefer"))):
         name = _PREFERENCE_NAME.match(element)
         if name is None or name[1].lower() != "wait":
             continue
@@ -177,7 +194,7 @@ def preferred_wait() -> int:
         value = (preference[1] or "").removeprefix('"').removesuffix('"') if preference else ""
         if not _DELTA_SECONDS.fullmatch(value):
             return 0
-        most = int(query.MAX_WAIT)
+        value, most = value.lstrip("0") or "0", int(query.MAX_WAIT)  # `wait=0000000` is 0
         return most if len(value) > 6 else min(int(value), most)  # no int() of 5,000 digits
     return 0
 

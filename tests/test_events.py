@@ -155,6 +155,10 @@ IGNORED_WAITS = ("wait=1e3", "wait=1.5", "wait=-1", "wait=+5", "wait=10s", "wait
 IGNORED_WAITS += ("wait=1 2", "wait=\u00b2", "respond-async; wait=1", "nowait=5", "wait=0", "wait=1e3, wait=20")
 APPLIED_WAITS = {'wait="20"': 20, "WAIT = 20": 20, "respond-async, wait=20": 20, 'foo="a, wait=1", wait=20': 20}
 APPLIED_WAITS |= {"wait=20, wait=1": 20, "wait=99999999999999": 60}
+# A probe: `wait=0000000` waited 60 s (seven digits read as "long"), and 8 KB of `"a\` held a worker 0.8 s
+# in a backtracking regex (now one pass over the header).
+IGNORED_WAITS += ("wait=0000000", '"a\\' * 2700)
+APPLIED_WAITS |= {"wait=00000020": 20}
 
 
 def test_a_malformed_prefer_wait_is_ignored_and_a_wellformed_one_is_read_whole(api, workers, db):
