@@ -269,7 +269,9 @@ def add_dashboard(app: Flask, settings: Settings, connection: redis.Redis | None
             return _refuse(404, "not found")
         # Browsers resend Basic credentials to any site's forms and images, so an action (requeue, delete,
         # empty) must come from this host's own pages: the dashboard's scripts send Origin or Referer.
-        if request.method not in ("GET", "HEAD") or request.path.startswith("/rq/requeue/"):
+        # OPTIONS runs no view (Flask answers it: 204 with Allow), so it is no action either.
+        action = request.method not in ("GET", "HEAD") or request.path.startswith("/rq/requeue/")
+        if action and request.method != "OPTIONS":
             source = request.headers.get("Origin") or request.headers.get("Referer") or ""
             if urlsplit(source).netloc != request.host:
                 return _refuse(403, "dashboard actions must come from its own pages (Origin of this host)")

@@ -88,6 +88,9 @@ def test_dashboard_actions_must_come_from_its_own_pages(api, workers, db):
         assert "error" in refused.json()
     image = requests.get(f"{api.url}/rq/requeue/default", auth=auth, timeout=5)  # an <img src=...> elsewhere
     assert image.status_code == 403
+    for path in (requeue, f"{api.url}/rq/requeue/default", f"{api.url}/rq/"):  # OPTIONS runs no action
+        options = requests.options(path, auth=auth, timeout=5)
+        assert options.status_code == 204 and not options.content and "Allow" in options.headers, path
     assert api.state(request_id)["status"] == "FAILURE"  # nothing was requeued
     ok = requests.post(requeue, auth=auth, headers={"Referer": f"{api.url}/rq/0/view/jobs"}, timeout=5)
     assert ok.status_code == 200
