@@ -227,13 +227,19 @@ class QueueWorker(BaseWorker):
                 timeout, limit = self.settings.forward_timeout, self.settings.max_result_bytes
                 return await async_forwarding.send(self._http, target, item.id, request, timeout, limit)
             # Another job function (say, a webhook delivery): run it as RQ would, in a thread of its own.
-            return Attempt(result=await asyncio.to_thread(self._perform, item.id))
+            return Attempt(result=await asyncio.to_thread(self._perform, item))
         except Exception:
             return Attempt(error=traceback.format_exc(), retryable=True)
 
-    def _perform(self, job_id: str) -> Any:
-        """Runs another function's job as RQ's worker would (in the thread _attempt gives it)."""
-        return Job.fetch(job_id, connection=self.connection, serializer=self.serializer).perform()
+    def _perform(self, item: InFlight) -> Any:
+        """Runs another function's job as RQ's worker would (in the thread _attempt gives it). The function
+        may change its job's retries_left (webhooks.deliver sets 0: not worth retrying), which the
+        recording then reads from `item`."""
+        job = Job.fetch(item.id, connection=self.connection, serializer=self.serializer)
+        try:
+            return job.perform()
+        finally:
+            item.retries_left = job.retries_left
 
     def _recorded(self, items: list[InFlight]) -> None:
         """The committer recorded these: their slots are free."""
