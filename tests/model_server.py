@@ -22,6 +22,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -41,6 +42,7 @@ class Received:
     raw_query: str = ""  # the query string exactly as it arrived
     sent: int = 0  # bytes of the answer's body written so far
     finished: bool | None = None  # None while answering
+    done_at: float | None = None  # when answering it ended (None: not yet)
 
 
 @dataclass
@@ -83,6 +85,12 @@ class ModelServer:
                 with model.lock:
                     model.received.append(record)
                     attempt = sum(1 for r in model.received if r.request_id == request_id)
+                try:
+                    self.answer(record, query, attempt, body)
+                finally:
+                    record.done_at = time.time()
+
+            def answer(self, record: Received, query: dict[str, list[str]], attempt: int, body: bytes) -> None:
                 if "delay" in query:
                     time.sleep(float(query["delay"][0]))
                 status = int(query.get("status", ["200"])[0])
@@ -99,11 +107,8 @@ class ModelServer:
                     answer = body
                 else:
                     content_type = query.get("content_type", ["application/json"])[0]
-                    answer = (
-                        query["answer"][0].encode()
-                        if "answer" in query
-                        else json.dumps({"request_id": request_id, "attempt": attempt, "path": url.path}).encode()
-                    )
+                    about = {"request_id": record.request_id, "attempt": attempt, "path": record.path}
+                    answer = query["answer"][0].encode() if "answer" in query else json.dumps(about).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(answer)))
@@ -180,6 +185,18 @@ class ModelServer:
     def requests_for(self, request_id: str) -> list[Received]:
         with self.lock:
             return [r for r in self.received if r.request_id == request_id]
+
+    def most_at_once(self, request_ids: Iterable[str]) -> int:
+        """The most of these requests the model was answering at the same time."""
+        wanted = set(request_ids)
+        with self.lock:
+            spans = [(r.at, r.done_at or time.time()) for r in self.received if r.request_id in wanted]
+        events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # ends first
+        most = now = 0
+        for _, change in events:
+            now += change
+            most = max(most, now)
+        return most
 
     def ids(self) -> list[str]:
         with self.lock:

@@ -3,6 +3,7 @@ against a real redis-server and the real model server: the worker's logic, in mi
 users start it (`rq worker -w worker.QueueWorker`) for a SIGKILL, a warm shutdown and many in flight. The
 fault tests (test_faults.py) run it against dying models and Redis servers."""
 
+import asyncio
 import logging
 import os
 import signal
@@ -289,3 +290,36 @@ def test_a_batch_of_outcomes_is_bounded_by_count_and_by_answer_bytes(redis_serve
     while committer._outcomes:
         batches.append([attempt.answer_bytes for _, attempt in committer.next_batch()])
     assert batches == [[4, 4], [4], [20], [1, 1, 1], [1, 0]]
+
+
+def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
+    db, redis_server, settings, model, submit, monkeypatch
+):
+    """A slot is for an attempt at the model: the next request goes out while the last outcome is being
+    written. While the committer cannot write, at most `worker_concurrency` (4 here) more outcomes wait
+    beside the 4 slots, then claiming stops; once written, every request ends, and the model never had
+    more than 4 at once."""
+    ids = [submit() for _ in range(20)]
+    gate, real_record = threading.Event(), AsyncCommitter._record
+
+    async def record(committer: AsyncCommitter, batch: list) -> None:
+        await asyncio.to_thread(gate.wait)  # the write waits for the test, off the worker's loop
+        await real_record(committer, batch)
+
+    monkeypatch.setattr(AsyncCommitter, "_record", record)
+    connection = redis.Redis.from_url(redis_server.url)
+    worker = QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
+    monkeypatch.setattr(worker, "_install_signal_handlers", lambda: None)  # signals are the main thread's
+    thread = threading.Thread(target=worker.work, kwargs={"burst": True})
+    thread.start()
+    try:
+        wait_for(lambda: len(worker.in_flight) == len(model.ids()) == 8, 20, "8 outcomes waiting")
+        assert len(model.ids()) == 8  # twice the slots reached the model with nothing written
+        assert db.llen(keys.queue_keys("default").queue) == 12  # and nothing more was claimed
+    finally:
+        gate.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert all(status(db, i) == RequestStatus.SUCCESS for i in ids)
+    assert sorted(model.ids()) == sorted(ids)
+    assert model.most_at_once(ids) <= 4
