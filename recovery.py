@@ -164,22 +164,30 @@ class OrphanSweep:
     def find_lost(self, open_requests: dict[str, tuple[str, QueueKeys]]) -> list[Suspect]:
         """Those of `open_requests` that are where no worker will find them.
 
-        A queued one is looked for with LPOS, which stops at the first match: the oldest open requests wait
-        near their queue's head, so a sweep reads a few entries of each queue, not the whole backlog (it
-        read every queue whole, every 5 s: 40,000 ids per sweep in bench row 3). Only a request that is
-        truly lost costs a scan of its queue."""
+        A queued one is looked for first among the head of its queue, read once per sweep: the oldest open
+        requests wait there. Only one not found there is looked for with LPOS, which scans its queue up to
+        it (the sweep read every queue whole, every 5 s: 40,000 ids per sweep in bench row 3; then one LPOS
+        per queued request: 5% of Redis's CPU in a 40,000-job drain). Only a request that is truly lost, or
+        queued deep, costs a scan of its queue."""
+        heads = self._queue_heads({q.name: q for status, q in open_requests.values() if status == JobStatus.QUEUED})
         with self.connection.pipeline(transaction=False) as pipe:
+            looked_for = []
             for request_id, (status, q) in open_requests.items():
                 if status == JobStatus.QUEUED:
+                    if request_id in heads[q.name]:
+                        continue
                     pipe.lpos(q.queue, request_id)
                     pipe.lpos(q.intermediate, request_id)
                 elif status == JobStatus.SCHEDULED:
                     pipe.zscore(q.scheduled, request_id)
                 elif status == JobStatus.STARTED:
                     pipe.zcard(keys.EXECUTIONS_REGISTRY_PREFIX + request_id)
+                else:
+                    continue
+                looked_for.append((request_id, status, q))
             found = iter(pipe.execute())
         lost = []
-        for request_id, (status, q) in open_requests.items():
+        for request_id, status, q in looked_for:
             if status == JobStatus.QUEUED:
                 in_queue, in_intermediate = next(found), next(found)
                 if in_queue is None and in_intermediate is None:
@@ -187,9 +195,17 @@ class OrphanSweep:
             elif status == JobStatus.SCHEDULED:
                 if next(found) is None:  # not waiting for its retry
                     lost.append(Suspect(request_id, status, q))
-            elif status == JobStatus.STARTED and not next(found):  # no live Execution
+            elif not next(found):  # started, with no live Execution
                 lost.append(Suspect(request_id, status, q))
         return lost
+
+    def _queue_heads(self, queues: dict[str, QueueKeys]) -> dict[str, set[str]]:
+        """The first `batch` ids of each of these queues."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for q in queues.values():
+                pipe.lrange(q.queue, 0, self.batch - 1)
+            heads = pipe.execute()
+        return {name: {i.decode() for i in head} for name, head in zip(queues, heads, strict=True)}
 
     def seen_before(self, suspects: list[Suspect]) -> list[Suspect]:
         """Remembers this sweep's suspects and returns those the previous sweep suspected too. They live in

@@ -185,18 +185,19 @@ def test_a_stopped_request_leaves_the_open_index(db, redis_server, model, settin
 
 
 def test_the_sweep_suspects_only_requests_in_no_queue_or_registry(db, submit):
-    """Queued requests are looked for in their queue and RQ's intermediate list (by LPOS, not by reading
-    the whole backlog); one in neither, one scheduled outside the ScheduledJobRegistry and one started
-    with no live Execution are suspects, and the rest are not."""
-    waiting, popped, lost, scheduled, started = (submit() for _ in range(5))
+    """Queued requests are looked for among the head of their queue, then (one queued deeper, as a retry
+    is) by LPOS, and in RQ's intermediate list; one in none of them, one scheduled outside the
+    ScheduledJobRegistry and one started with no live Execution are suspects, and the rest are not."""
+    waiting, popped, lost, scheduled, started, deep = (submit() for _ in range(6))
     default = keys.queue_keys("default")
-    for request_id in (popped, lost, scheduled, started):
+    for request_id in (popped, lost, scheduled, started, deep):
         db.lrem(default.queue, 0, request_id)
     db.rpush(default.intermediate, popped)  # where stock RQ's worker keeps what it has popped
     db.hset(keys.job_key(scheduled), "status", "scheduled")
     db.hset(keys.job_key(started), "status", "started")
     sweep = OrphanSweep(db, [keys.queue_keys(n) for n in keys.QUEUE_NAMES], logging.getLogger("test"))
     sweep.age = 0
+    db.rpush(default.queue, *(f"newer-{n}" for n in range(sweep.batch)), deep)  # past the head sweeps read
     suspects = sweep.find_lost(sweep.oldest_open())
     assert sorted((s.request_id, s.status) for s in suspects) == sorted(
         [(lost, "queued"), (scheduled, "scheduled"), (started, "started")]
