@@ -17,6 +17,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
+import async_redis
 import redis_errors
 import redis_scripts
 from forwarding import LARGE_ANSWER, Attempt
@@ -82,7 +83,8 @@ class AsyncCommitter:
         failures = 0
         while True:
             try:
-                stale = int(await self.script(keys=self.keys, args=await self._script_args(batch)))
+                args = await self._script_args(batch)
+                stale = int(await async_redis.answer(self.script(keys=self.keys, args=args)))
                 log_recorded(batch)
                 if stale:
                     self.log.warning("%d outcomes came after recovery had taken their requests", stale)

@@ -2,12 +2,15 @@
 
 RQ's CLI makes a synchronous client from `--url` or `--config worker` (a URL, or its SENTINEL dict); the
 worker keeps that one for RQ's own calls (registration, heartbeats, recovery) and makes this one, to the
-same place with the same credentials, for its claims and records.
+same place with the same credentials, for its claims and records. Each call gets one deadline (`answer`)
+instead of redis-py's socket timeout.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -42,12 +45,31 @@ def _hiredis_packing(connection_class: type) -> type:
     return type(connection_class.__name__, (_HiredisPacking, connection_class), {})
 
 
-def client_like(sync: redis.Redis, socket_timeout: float = 10, connect_timeout: float = 5) -> redis.asyncio.Redis:
-    """An asyncio client to the Redis `sync` talks to. redis-py never retries behind the worker's back (a
-    claim run twice would take a second batch); the worker's loops retry with backoff."""
+ANSWER_TIMEOUT = 10.0  # seconds a call waits for Redis's answer: a dead link is noticed within this
+T = TypeVar("T")
+
+
+async def answer(call: Awaitable[T], timeout: float = ANSWER_TIMEOUT) -> T:
+    """Redis's answer to `call` within `timeout` seconds, else redis.TimeoutError (the connection is then
+    dropped, as redis-py drops one whose command was interrupted).
+
+    One deadline per call, where redis-py's socket_timeout runs each command's write as a task of its own
+    (asyncio.wait_for): a loop iteration later and ~15 us of CPU per call. Without it, one QueueWorker
+    draining 30,000 jobs took 229 and 225 us of CPU per job against 247 and 236 (one-off A/B runs)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await call
+    except TimeoutError:
+        raise redis.TimeoutError(f"Redis did not answer within {timeout:g}s") from None
+
+
+def client_like(sync: redis.Redis, connect_timeout: float = 5) -> redis.asyncio.Redis:
+    """An asyncio client to the Redis `sync` talks to, with no socket timeout: every call goes through
+    `answer`. redis-py never retries behind the worker's back (a claim run twice would take a second batch);
+    the worker's loops retry with backoff."""
     pool = sync.connection_pool
     options: dict[str, Any] = {k: v for k, v in pool.connection_kwargs.items() if k in _CARRIED}
-    options.update(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 0))
+    options.update(socket_timeout=None, socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 0))
     if isinstance(pool, SentinelConnectionPool):
         manager = pool.sentinel_manager
         sentinels = [

@@ -210,12 +210,14 @@ class QueueWorker(BaseWorker):
     async def _claim(self, count: int, adopted: tuple[int, str] | None = None) -> list[InFlight]:
         """Claims up to `count` requests (plus `adopted`, already popped) in one atomic call."""
         args, started_at = claiming.claim_args(self, count, adopted)
-        return claiming.claimed(self, await self._claim_script(keys=self._claim_keys, args=args), started_at)
+        rows = await async_redis.answer(self._claim_script(keys=self._claim_keys, args=args))
+        return claiming.claimed(self, rows, started_at)
 
     async def _wait_for_request(self) -> list[InFlight]:
         """Blocks until a request arrives (BLPOP keeps the queues' priority order), then claims it."""
         timeout = max(0.01, min(self.idle_wait, self.schedule.next_due(self.idle_wait) - time.monotonic()))
-        popped = await self._redis.blpop([q.queue for q in self.queue_keys], timeout=timeout)
+        blpop = self._redis.blpop([q.queue for q in self.queue_keys], timeout=timeout)
+        popped = await async_redis.answer(blpop, timeout + async_redis.ANSWER_TIMEOUT)
         if popped is None:
             return []
         key, job_id = popped[0].decode(), popped[1].decode()
