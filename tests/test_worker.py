@@ -324,3 +324,22 @@ def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
     assert all(status(db, i) == RequestStatus.SUCCESS for i in ids)
     assert sorted(model.ids()) == sorted(ids)
     assert model.most_at_once(ids) <= 4
+
+
+def test_one_claim_takes_at_most_claim_limit_requests(db, redis_server, settings, submit):
+    """Redis runs a claim while every other client waits: however many slots are free, one claim call
+    takes at most `claim_limit` requests, and the rest come in the next calls."""
+    ids = [submit() for _ in range(10)]
+    connection = redis.Redis.from_url(redis_server.url)
+    worker = QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
+    worker.claim_limit = 3
+    asked, real_claim = [], worker._claim
+
+    async def claim(count: int, adopted: tuple[int, str] | None = None) -> list:
+        asked.append(count)
+        return await real_claim(count, adopted)
+
+    worker._claim = claim  # type: ignore[method-assign]
+    worker.work(burst=True)
+    assert all(status(db, i) == RequestStatus.SUCCESS for i in ids)
+    assert asked and max(asked) == 3  # settings: 4 slots
