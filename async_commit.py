@@ -1,6 +1,6 @@
 """A QueueWorker's committer: records finished attempts in batches, one lua/record_outcomes.lua call
-each, keeping a batch until Redis takes it; only then are the requests' slots freed (and their heartbeats
-stopped).
+each, keeping a batch until Redis takes it; only then do the requests leave the worker's in-flight set
+(their heartbeats stop, and their places in its backlog of unwritten outcomes free up).
 
 Large answers bound a batch by size as well as by count, and have its arguments built in a thread: a
 batch of 25 8 MB answers once took long enough to encode on the loop and to run in Redis that attempts

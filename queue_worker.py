@@ -52,8 +52,8 @@ class QueueWorker(BaseWorker):
     callback_interval = 0.5  # ended requests' webhooks are queued this often (callbacks.py)
     idle_wait = 1.0  # longest blocking wait for new requests, so upkeep keeps its pace
     batch_wait = 0.005  # longest wait for a bigger batch of free slots
-    # Requests one claim takes at most: Redis runs a claim ~20 us per request, all others waiting, so a claim
-    # of 1,000 held it for 22 ms and one of 256 for 5 ms (commandstats, one-off). Records batch as many.
+    # Requests one claim (and one record) takes at most: Redis runs a claim ~20 us per request, all others
+    # waiting, so a claim of 1,000 held it for 22 ms and one of 256 for 5 ms (commandstats, one-off).
     claim_limit = 256
 
     def __init__(self, *args: Any, settings: Settings | None = None, **kwargs: Any) -> None:
@@ -84,10 +84,6 @@ class QueueWorker(BaseWorker):
         self._changed: asyncio.Event | None = None  # set when slots free up or a stop is asked
         self._tasks: set[asyncio.Task] = set()
         self._draining = False
-        # Free slots worth a claim's round trip: half of them. A claim costs 100-150 us of this process's CPU
-        # however many it takes; claiming at half rather than a quarter of the slots drained 4-5% more jobs/s
-        # at 7% less CPU per job (bench row 2, one-off A/B runs on /tmp/prof/prof.py's harness: issue 13 note).
-        self._batch = max(1, min(self.capacity // 2, self.claim_limit))
 
     # -- the work loop ----------------------------------------------------------------------------
 
@@ -118,7 +114,9 @@ class QueueWorker(BaseWorker):
         self._claim_script = self._redis.register_script(redis_scripts.source("claim"))
         self._http = async_forwarding.session(self.capacity)
         self._upkeep_thread = ThreadPoolExecutor(1, thread_name_prefix="upkeep")
-        self._committer = AsyncCommitter(self._redis, self._recorder, self.log, self._recorded)
+        self._committer = AsyncCommitter(
+            self._redis, self._recorder, self.log, self._recorded, batch_size=self.claim_limit
+        )
         tasks = [asyncio.create_task(self._committer.run()), asyncio.create_task(self._upkeep_loop())]
         try:
             started = await self._claim_loop(burst, max_jobs, max_idle_time)
@@ -160,6 +158,13 @@ class QueueWorker(BaseWorker):
             if max_jobs is not None and started >= max_jobs:
                 break
         return started
+
+    @property
+    def _batch(self) -> int:
+        """Free slots worth a claim's round trip: half of them. A claim costs 100-150 us of this process's CPU
+        however many it takes; claiming at half rather than a quarter of the slots drained 4-5% more jobs/s
+        at 7% less CPU per job (one-off A/B runs of two workers like bench row 2: issue 13 note)."""
+        return max(1, min(self.capacity // 2, self.claim_limit))
 
     def _free(self) -> int:
         """Slots for more attempts: fewer than `capacity` at the model, and fewer than `capacity` outcomes
@@ -232,11 +237,16 @@ class QueueWorker(BaseWorker):
     async def _forward(self, item: InFlight) -> None:
         """One attempt, handed to the committer; its duration is noted on `item`, for the metrics and the log."""
         started = time.perf_counter()
-        result = await self._attempt(item)
+        try:
+            result = await self._attempt(item)
+        finally:
+            self.forwarding -= 1
         item.forward_seconds = time.perf_counter() - started
         self._committer.put(item, result)
-        self.forwarding -= 1
-        if self._free() >= self._batch:  # enough free slots for a claim: wake the claim loop
+        # Wake the claim loop when a slot frees while all were taken (it then waits up to batch_wait for
+        # more), and when enough are free for a claim; not at every slot in between.
+        free = self._free()
+        if free == 1 or free == self._batch:
             assert self._changed is not None
             self._changed.set()
 

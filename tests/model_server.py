@@ -42,7 +42,7 @@ class Received:
     raw_query: str = ""  # the query string exactly as it arrived
     sent: int = 0  # bytes of the answer's body written so far
     finished: bool | None = None  # None while answering
-    done_at: float | None = None  # when answering it ended (None: not yet)
+    answered_at: float | None = None  # when its status line went out: from then the client may have it
 
 
 @dataclass
@@ -85,10 +85,14 @@ class ModelServer:
                 with model.lock:
                     model.received.append(record)
                     attempt = sum(1 for r in model.received if r.request_id == request_id)
-                try:
-                    self.answer(record, query, attempt, body)
-                finally:
-                    record.done_at = time.time()
+                self.record = record
+                self.answer(record, query, attempt, body)
+
+            def send_response(self, code: int, message: str | None = None) -> None:
+                record = getattr(self, "record", None)
+                if record is not None and record.answered_at is None:
+                    record.answered_at = time.time()
+                super().send_response(code, message)
 
             def answer(self, record: Received, query: dict[str, list[str]], attempt: int, body: bytes) -> None:
                 if "delay" in query:
@@ -187,10 +191,11 @@ class ModelServer:
             return [r for r in self.received if r.request_id == request_id]
 
     def most_at_once(self, request_ids: Iterable[str]) -> int:
-        """The most of these requests the model was answering at the same time."""
+        """The most of these requests the model held at the same time, each from its arrival until its answer
+        began (stamped before the answer is sent, so a client's next request on the same slot comes after)."""
         wanted = set(request_ids)
         with self.lock:
-            spans = [(r.at, r.done_at or time.time()) for r in self.received if r.request_id in wanted]
+            spans = [(r.at, r.answered_at or time.time()) for r in self.received if r.request_id in wanted]
         events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # ends first
         most = now = 0
         for _, change in events:

@@ -311,12 +311,23 @@ def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
     connection = redis.Redis.from_url(redis_server.url)
     worker = QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
     monkeypatch.setattr(worker, "_install_signal_handlers", lambda: None)  # signals are the main thread's
+    worker.idle_wait = 0.05  # the claim loop goes round every 50 ms while it has no free slot
+    rounds, real_free_slots = [], worker._free_slots
+
+    async def free_slots() -> int:
+        rounds.append(await real_free_slots())
+        return rounds[-1]
+
+    monkeypatch.setattr(worker, "_free_slots", free_slots)
     thread = threading.Thread(target=worker.work, kwargs={"burst": True})
     thread.start()
     try:
-        wait_for(lambda: len(worker.in_flight) == len(model.ids()) == 8, 20, "8 outcomes waiting")
-        assert len(model.ids()) == 8  # twice the slots reached the model with nothing written
-        assert db.llen(keys.queue_keys("default").queue) == 12  # and nothing more was claimed
+        wait_for(lambda: len(worker.in_flight) >= 8, 20, "8 outcomes waiting")
+        seen = len(rounds)
+        wait_for(lambda: len(rounds) >= seen + 5, 20, "the claim loop to go round 5 more times")
+        assert rounds[seen:] and all(free <= 0 for free in rounds[seen:])  # no free slot all that while
+        assert len(worker.in_flight) == len(model.ids()) == 8  # twice the slots, nothing written
+        assert db.llen(keys.queue_keys("default").queue) == 12  # and nothing more claimed
     finally:
         gate.set()
         thread.join(60)
@@ -324,6 +335,37 @@ def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
     assert all(status(db, i) == RequestStatus.SUCCESS for i in ids)
     assert sorted(model.ids()) == sorted(ids)
     assert model.most_at_once(ids) <= 4
+
+
+def test_a_slot_freed_while_outcomes_wait_is_claimed_for_at_once(
+    db, redis_server, settings, model, submit, monkeypatch
+):
+    """One attempt ends while the others are still at the model and nothing can be written: its slot goes
+    to the next request without waiting for the write or for `idle_wait`."""
+    slow = [submit(query=(("delay", "1.5"),)) for _ in range(3)]  # within forward_timeout (2 s)
+    quick, waiting = submit(), submit()
+    gate, real_record = threading.Event(), AsyncCommitter._record
+
+    async def record(committer: AsyncCommitter, batch: list) -> None:
+        await asyncio.to_thread(gate.wait)
+        await real_record(committer, batch)
+
+    monkeypatch.setattr(AsyncCommitter, "_record", record)
+    connection = redis.Redis.from_url(redis_server.url)
+    worker = QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
+    monkeypatch.setattr(worker, "_install_signal_handlers", lambda: None)
+    worker.idle_wait = 60  # so only the freed slot can wake the claim loop in time
+    thread = threading.Thread(target=worker.work, kwargs={"burst": True})
+    thread.start()
+    try:
+        wait_for(lambda: waiting in model.ids(), 20, "the fifth request to reach the model")
+        arrived = model.requests_for(waiting)[0].at
+        answers = [model.requests_for(i)[0].answered_at for i in slow]
+        assert all(answered is None or arrived < answered for answered in answers)  # they were still there
+    finally:
+        gate.set()
+        thread.join(60)
+    assert all(status(db, i) == RequestStatus.SUCCESS for i in [*slow, quick, waiting])
 
 
 def test_one_claim_takes_at_most_claim_limit_requests(db, redis_server, settings, submit):
