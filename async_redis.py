@@ -46,6 +46,7 @@ def _hiredis_packing(connection_class: type) -> type:
 
 
 ANSWER_TIMEOUT = 10.0  # seconds a call waits for Redis's answer: a dead link is noticed within this
+SENTINEL_TIMEOUT = 2.0  # seconds one sentinel has to say where the master is
 T = TypeVar("T")
 
 
@@ -78,7 +79,10 @@ def client_like(sync: redis.Redis, connect_timeout: float = 5) -> redis.asyncio.
         ]
         for where in ("host", "port", "path"):
             options.pop(where, None)
-        sentinel = redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs=dict(manager.sentinel_kwargs))
+        # Each sentinel asked where the master is answers within SENTINEL_TIMEOUT, or the next one is asked,
+        # inside the call's own deadline (RQ's CLI gives its sentinels no timeout).
+        limits = {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT}
+        sentinel = redis.asyncio.sentinel.Sentinel(sentinels, sentinel_kwargs={**limits, **manager.sentinel_kwargs})
         managed = _hiredis_packing(redis.asyncio.sentinel.SentinelManagedConnection)
         return sentinel.master_for(pool.service_name, connection_class=managed, **options)
     connection_class = getattr(redis.asyncio.connection, pool.connection_class.__name__, None)
