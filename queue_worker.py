@@ -113,6 +113,7 @@ class QueueWorker(BaseWorker):
         self._redis = async_redis.client_like(self.connection)
         self._claim_script = self._redis.register_script(redis_scripts.source("claim"))
         self._http = async_forwarding.session(self.capacity)
+        self._deadlines = async_forwarding.Deadlines(self.settings.forward_timeout)
         self._upkeep_thread = ThreadPoolExecutor(1, thread_name_prefix="upkeep")
         self._committer = AsyncCommitter(
             self._redis, self._recorder, self.log, self._recorded, batch_size=self.claim_limit
@@ -256,8 +257,8 @@ class QueueWorker(BaseWorker):
             if item.func_name == FORWARD_FUNCTION:
                 target = self.settings.target_for(item.args[0])
                 request = ModelRequest(*item.args)
-                timeout, limit = self.settings.forward_timeout, self.settings.max_result_bytes
-                return await async_forwarding.send(self._http, target, item.id, request, timeout, limit)
+                limit = self.settings.max_result_bytes
+                return await async_forwarding.send(self._http, target, item.id, request, self._deadlines, limit)
             # Another job function (say, a webhook delivery): run it as RQ would, in a thread of its own.
             return Attempt(result=await asyncio.to_thread(self._perform, item))
         except Exception:

@@ -1,6 +1,7 @@
 """Workers forward each request to the model: body, query and Content-Encoding byte for byte, retries, the
 answer as the result, capped at max_result_bytes, and each attempt within forward_timeout."""
 
+import asyncio
 import base64
 import gzip
 import http.client
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from rq.job import Job
 from urllib3.util import parse_url
 
+import async_forwarding
 from forwarding import forwarded_query, model_url
 from queueing import Enqueuer, Submission
 from settings import load_settings
@@ -331,3 +333,31 @@ def test_a_queued_raw_query_string_cannot_change_the_host_either(raw):
 @given(raw=st.lists(st.sampled_from(["a", "=", "&", "+", "%41", "%ff", "%2F", "~", "b=c"]), max_size=20).map("".join))
 def test_a_valid_query_without_reserved_parameters_goes_out_unchanged(raw):
     assert forwarded_query(raw.encode()) == raw
+
+
+def test_one_timer_keeps_every_attempt_s_deadline_and_lets_other_cancellations_through():
+    """async_forwarding.Deadlines: an attempt still running at its deadline ends with TimeoutError and its
+    task is not left cancelled; one that ends in time is untouched; a cancellation from elsewhere (a warm
+    shutdown's) passes through as a cancellation."""
+
+    async def scenario() -> None:
+        deadlines = async_forwarding.Deadlines(0.3)
+
+        async def attempt(seconds: float) -> str:
+            with deadlines.start():
+                await asyncio.sleep(seconds)
+            await asyncio.sleep(0)  # the task goes on after its attempt: nothing cancels it now
+            return "answered"
+
+        late, quick = asyncio.create_task(attempt(30)), asyncio.create_task(attempt(0.01))
+        stopped = asyncio.create_task(attempt(30))
+        assert await quick == "answered"
+        stopped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopped
+        with pytest.raises(TimeoutError):
+            await late
+        assert not late.cancelled() and late.cancelling() == 0
+        assert await attempt(0.01) == "answered"  # a deadline after the others went works as well
+
+    asyncio.run(scenario())
