@@ -293,24 +293,33 @@ def test_a_batch_of_outcomes_is_bounded_by_count_and_by_answer_bytes(redis_serve
     assert batches == [[4, 4], [4], [20], [1, 1, 1], [1, 0]]
 
 
-def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
-    db, redis_server, settings, model, submit, monkeypatch
-):
-    """A slot is for an attempt at the model: the next request goes out while the last outcome is being
-    written. While the committer cannot write, at most `worker_concurrency` (4 here) more outcomes wait
-    beside the 4 slots, then claiming stops; once written, every request ends, and the model never had
-    more than 4 at once."""
-    ids = [submit() for _ in range(20)]
+@pytest.fixture
+def writes_held(redis_server, settings, monkeypatch):
+    """A QueueWorker to run in a thread (`work(burst=True)`), whose committer writes nothing until the
+    test sets the returned gate (the write waits off the worker's loop)."""
     gate, real_record = threading.Event(), AsyncCommitter._record
 
     async def record(committer: AsyncCommitter, batch: list) -> None:
-        await asyncio.to_thread(gate.wait)  # the write waits for the test, off the worker's loop
+        await asyncio.to_thread(gate.wait)
         await real_record(committer, batch)
 
     monkeypatch.setattr(AsyncCommitter, "_record", record)
     connection = redis.Redis.from_url(redis_server.url)
     worker = QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
     monkeypatch.setattr(worker, "_install_signal_handlers", lambda: None)  # signals are the main thread's
+    yield worker, gate
+    gate.set()
+
+
+def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
+    db, model, submit, writes_held, monkeypatch
+):
+    """A slot is for an attempt at the model: the next request goes out while the last outcome is being
+    written. While the committer cannot write, at most `worker_concurrency` (4 here) more outcomes wait
+    beside the 4 slots, then claiming stops; once written, every request ends, and the model never had
+    more than 4 at once."""
+    ids = [submit() for _ in range(20)]
+    worker, gate = writes_held
     worker.idle_wait = 0.05  # the claim loop goes round every 50 ms while it has no free slot
     rounds, real_free_slots = [], worker._free_slots
 
@@ -337,23 +346,12 @@ def test_a_slot_frees_when_the_model_answers_and_unwritten_outcomes_are_bounded(
     assert model.most_at_once(ids) <= 4
 
 
-def test_a_slot_freed_while_outcomes_wait_is_claimed_for_at_once(
-    db, redis_server, settings, model, submit, monkeypatch
-):
+def test_a_slot_freed_while_outcomes_wait_is_claimed_for_at_once(db, model, submit, writes_held):
     """One attempt ends while the others are still at the model and nothing can be written: its slot goes
     to the next request without waiting for the write or for `idle_wait`."""
     slow = [submit(query=(("delay", "1.5"),)) for _ in range(3)]  # within forward_timeout (2 s)
     quick, waiting = submit(), submit()
-    gate, real_record = threading.Event(), AsyncCommitter._record
-
-    async def record(committer: AsyncCommitter, batch: list) -> None:
-        await asyncio.to_thread(gate.wait)
-        await real_record(committer, batch)
-
-    monkeypatch.setattr(AsyncCommitter, "_record", record)
-    connection = redis.Redis.from_url(redis_server.url)
-    worker = QueueWorker([Queue(n, connection=connection) for n in keys.QUEUE_NAMES], settings=settings)
-    monkeypatch.setattr(worker, "_install_signal_handlers", lambda: None)
+    worker, gate = writes_held
     worker.idle_wait = 60  # so only the freed slot can wake the claim loop in time
     thread = threading.Thread(target=worker.work, kwargs={"burst": True})
     thread.start()
